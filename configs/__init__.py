@@ -1,0 +1,1 @@
+"""Configs: `get_config(variant)` files. Installed as the package `llm_jax.configs`."""

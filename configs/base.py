@@ -1,0 +1,65 @@
+"""Every config key, with its default and a one-line meaning.
+
+The defaults are the CPU-sized model that `llm-jax train` trains with no arguments: about
+three million parameters, on the Python standard library's own source, in a few minutes on
+a 2-core laptop. Other configs start from `get_config()` here and change values; a key that
+is not declared here is an error everywhere (config files and `--config.KEY=VALUE`).
+"""
+
+import ml_collections
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+  del variant  # base has a single variant
+  c = ml_collections.ConfigDict()
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 2048  # tokenizer vocabulary; a given data.tokenizer must have exactly this size
+  m.d_model = 256  # width of the residual stream
+  m.num_layers = 4  # transformer blocks
+  m.num_heads = 8  # query heads; head_dim = d_model / num_heads
+  m.num_kv_heads = 4  # key/value heads (grouped-query attention); must divide num_heads
+  m.mlp_dim = 768  # hidden width of the SwiGLU MLP
+  m.context_length = 256  # tokens per training sequence
+  m.rope_theta = 10_000.0  # base of the rotary position embedding frequencies
+  m.norm_eps = 1e-5  # epsilon of RMSNorm
+  m.tie_embeddings = True  # share the input embedding with the output projection
+  m.dtype = "float32"  # compute dtype of activations and matmuls (float32 or bfloat16)
+  m.param_dtype = "float32"  # storage dtype of parameters and optimizer state
+  m.scan_layers = True  # run blocks under nn.scan (one compiled block, fast compiles)
+  m.remat_policy = "none"  # activation recomputation: none, full, dots, dots_no_batch
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 600  # optimizer steps in the whole run (the schedule's length)
+  t.batch_size = 16  # global batch in sequences, summed over all devices and hosts
+  t.grad_accum_steps = 1  # microbatches per step; batch_size must divide by it
+  t.learning_rate = 3e-3  # peak learning rate after warmup
+  t.warmup_steps = 60  # linear warmup from 0 to learning_rate
+  t.min_lr_ratio = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
+  t.weight_decay = 0.1  # AdamW decoupled weight decay, applied to dense kernels only
+  t.b1 = 0.9  # AdamW first-moment decay
+  t.b2 = 0.95  # AdamW second-moment decay
+  t.eps = 1e-8  # AdamW epsilon
+  t.grad_clip = 1.0  # clip gradients to this global norm (0 disables clipping)
+  t.seed = 0  # seed of parameter init, data order and sampling
+  t.log_every = 10  # steps between rows of metrics.jsonl
+  t.eval_every = 200  # steps between validation evaluations (0: only at the end)
+  t.eval_batches = 8  # batches of batch_size sequences per evaluation
+  t.checkpoint_every = 200  # steps between checkpoints (0: only at the end)
+  t.keep_checkpoints = 2  # newest checkpoints kept on disk
+  t.sample_prompt = "def "  # prompt of the sample printed at the end of a run
+  t.sample_tokens = 96  # tokens generated for that sample (0: no sample)
+  t.sample_temperature = 0.7  # sampling temperature of that sample (0: greedy)
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "builtin"  # 'builtin' (this Python's stdlib .py files) or 'files:<glob>'
+  d.tokenizer = ""  # path of an existing SentencePiece model, or '' to train one
+  d.val_fraction = 0.02  # share of documents held out for validation, chosen by path hash
+  d.tokenizer_sample_bytes = 4_000_000  # training-split text sampled to train a tokenizer
+
+  c.mesh = x = ml_collections.ConfigDict()
+  x.data = 1  # pure data-parallel replicas (-1: all remaining devices)
+  x.fsdp = -1  # data parallel with sharded params and optimizer state (-1: remaining)
+  x.tensor = 1  # tensor (model) parallel over heads, MLP and vocabulary (-1: remaining)
+
+  return c

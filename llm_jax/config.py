@@ -1,0 +1,230 @@
+"""Loading, overriding, validating and resolving configs.
+
+A config is an `ml_collections.ConfigDict` returned by `get_config(variant)` in a Python
+file. Every key must be declared in `configs/base.py`; `--config.a.b=value` overrides are
+parsed to the declared type. `validate` runs before anything compiles and raises `UserError`
+with one sentence naming the key, the bad value and what would be valid.
+"""
+
+import ast
+import difflib
+import importlib.util
+import json
+import math
+import pathlib
+
+import ml_collections
+
+from llm_jax.configs import base
+from llm_jax.errors import UserError
+
+_BUNDLED_CONFIGS = pathlib.Path(base.__file__).parent
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+MESH_AXES = ("data", "fsdp", "tensor")
+MIN_VOCAB_SIZE = 384
+
+
+def load_config(spec: str | None = None, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `path/to/file.py[:variant]` (default: configs/base.py) and applies overrides.
+
+  A path that does not exist relative to the working directory is looked up among the
+  configs shipped with the package, so `configs/llama.py:llama3-8b` works from anywhere.
+  """
+  config = base.get_config() if spec is None else _load_config_file(spec)
+  _check_declared(config, base.get_config())
+  for override in overrides:
+    apply_override(config, override)
+  return config
+
+
+def _load_config_file(spec: str) -> ml_collections.ConfigDict:
+  path_text, _, variant = spec.partition(":")
+  path = pathlib.Path(path_text)
+  if not path.exists() and (_BUNDLED_CONFIGS / path.name).exists():
+    path = _BUNDLED_CONFIGS / path.name
+  if not path.is_file():
+    raise UserError(f"Config file {path_text!r} does not exist; pass --config PATH.py[:variant].")
+  module_spec = importlib.util.spec_from_file_location(f"_llm_jax_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise UserError(f"Config file {path} defines no get_config(); add one returning a ConfigDict.")
+  try:
+    config = module.get_config(variant or None)
+  except ValueError as e:  # a config file's own message for an unknown variant
+    raise UserError(str(e)) from None
+  return config
+
+
+def _check_declared(config, declared, prefix=""):
+  for key, value in config.items():
+    name = prefix + key
+    if key not in declared:
+      raise UserError(f"Config key {name!r} is not declared in configs/base.py; {_suggest(name)}")
+    if isinstance(value, ml_collections.ConfigDict):
+      _check_declared(value, declared[key], name + ".")
+
+
+def _all_keys(config, prefix=""):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _all_keys(value, prefix + key + ".")
+    else:
+      yield prefix + key
+
+
+def _suggest(name: str) -> str:
+  close = difflib.get_close_matches(name, list(_all_keys(base.get_config())), n=3)
+  if close:
+    return "did you mean " + " or ".join(close) + "?"
+  return "see configs/base.py for the declared keys."
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+  """Applies one `a.b.c=value` override, parsing value to the declared type."""
+  if "=" not in override:
+    raise UserError(f"Override {override!r} has no value; write --config.KEY=VALUE.")
+  name, text = override.split("=", 1)
+  name = name.removeprefix("--").removeprefix("config.")
+  *parents, leaf = name.split(".")
+  node = config
+  for part in parents:
+    node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node or isinstance(
+      node[leaf], ml_collections.ConfigDict):
+    raise UserError(f"Unknown config key {name!r}; {_suggest(name)}")
+  node[leaf] = _parse_value(name, text, node[leaf])
+
+
+def _parse_value(name: str, text: str, current):
+  try:
+    if isinstance(current, bool):
+      lowered = text.strip().lower()
+      if lowered in ("true", "1", "yes"):
+        return True
+      if lowered in ("false", "0", "no"):
+        return False
+      raise ValueError
+    if isinstance(current, int):
+      return int(float(text)) if float(text).is_integer() else int(text)
+    if isinstance(current, float):
+      return float(text)
+    if isinstance(current, str):
+      return text
+    return type(current)(ast.literal_eval(text))
+  except (ValueError, SyntaxError, TypeError):
+    raise UserError(
+        f"Config key {name!r} expects a {type(current).__name__}, got {text!r}."
+    ) from None
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises UserError for the first problem found; run before building anything."""
+  m, t, x = config.model, config.train, config.mesh
+  positive = ["model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
+              "model.num_kv_heads", "model.mlp_dim", "model.context_length", "train.steps",
+              "train.batch_size", "train.grad_accum_steps", "train.log_every",
+              "train.eval_batches", "train.keep_checkpoints", "model.rope_theta",
+              "train.learning_rate", "model.norm_eps"]
+  for name in positive:
+    value = _get(config, name)
+    if not value > 0:
+      raise UserError(f"{name}={value} must be positive.")
+  non_negative = ["train.warmup_steps", "train.eval_every", "train.checkpoint_every",
+                  "train.weight_decay", "train.grad_clip", "train.sample_tokens",
+                  "train.sample_temperature", "train.min_lr_ratio", "train.seed"]
+  for name in non_negative:
+    value = _get(config, name)
+    if value < 0:
+      raise UserError(f"{name}={value} must be zero or positive.")
+  if m.d_model % m.num_heads:
+    raise UserError(f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; "
+                    f"valid head counts are {_divisors(m.d_model)}.")
+  if (m.d_model // m.num_heads) % 2:
+    raise UserError(f"head_dim = model.d_model / model.num_heads = {m.d_model // m.num_heads} "
+                    "must be even for rotary embeddings; change num_heads or d_model.")
+  if m.num_heads % m.num_kv_heads:
+    raise UserError(f"model.num_kv_heads={m.num_kv_heads} does not divide "
+                    f"model.num_heads={m.num_heads}; valid values are {_divisors(m.num_heads)}.")
+  for name, valid in (("model.dtype", DTYPES), ("model.param_dtype", DTYPES),
+                      ("model.remat_policy", REMAT_POLICIES)):
+    if _get(config, name) not in valid:
+      raise UserError(f"{name}={_get(config, name)!r} is not one of {', '.join(valid)}.")
+  if t.warmup_steps > t.steps:
+    raise UserError(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}; "
+                    "lower warmup_steps.")
+  if t.min_lr_ratio > 1:
+    raise UserError(f"train.min_lr_ratio={t.min_lr_ratio} must be at most 1.")
+  if not 0 < config.data.val_fraction < 1:
+    raise UserError(f"data.val_fraction={config.data.val_fraction} must be between 0 and 1.")
+  if m.vocab_size < MIN_VOCAB_SIZE:
+    raise UserError(f"model.vocab_size={m.vocab_size} is too small for a byte-fallback "
+                    f"tokenizer (256 bytes, 7 special tokens and the common characters); use "
+                    f"at least {MIN_VOCAB_SIZE}.")
+
+  shape = resolve_mesh_shape(x, num_devices)
+  dp = shape["data"] * shape["fsdp"]
+  if t.batch_size % t.grad_accum_steps:
+    raise UserError(f"train.batch_size={t.batch_size} does not divide into "
+                    f"train.grad_accum_steps={t.grad_accum_steps} microbatches.")
+  micro = t.batch_size // t.grad_accum_steps
+  if micro % dp:
+    raise UserError(f"train.batch_size={t.batch_size} gives microbatches of {micro} sequences, "
+                    f"which do not divide over mesh.data*mesh.fsdp={dp} devices; use a batch "
+                    f"size that is a multiple of {dp * t.grad_accum_steps}.")
+  tensor = shape["tensor"]
+  for name in ("model.num_heads", "model.num_kv_heads", "model.mlp_dim", "model.vocab_size"):
+    if _get(config, name) % tensor:
+      raise UserError(f"{name}={_get(config, name)} does not divide over mesh.tensor={tensor}; "
+                      "choose a tensor size that divides it.")
+  if m.d_model % shape["fsdp"]:
+    raise UserError(f"model.d_model={m.d_model} does not divide over mesh.fsdp={shape['fsdp']}; "
+                    "choose an fsdp size that divides it.")
+
+
+def resolve_mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
+  """Returns {axis: size} with a -1 axis filled by the remaining devices."""
+  sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+  fill = [axis for axis, size in sizes.items() if size == -1]
+  for axis, size in sizes.items():
+    if size == 0 or size < -1:
+      raise UserError(f"mesh.{axis}={size} must be positive or -1 (fill remaining devices).")
+  if len(fill) > 1:
+    raise UserError(f"Only one mesh axis may be -1, got {', '.join('mesh.' + a for a in fill)}.")
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if fill:
+    if num_devices % fixed:
+      raise UserError(f"The fixed mesh axes multiply to {fixed}, which does not divide the "
+                      f"{num_devices} available devices; choose sizes whose product divides it.")
+    sizes[fill[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise UserError(f"mesh.data*mesh.fsdp*mesh.tensor = {fixed} but {num_devices} devices are "
+                    "available; make the product equal the device count or set one axis to -1.")
+  return sizes
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _divisors(n: int) -> str:
+  return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(json.loads(text))
+
+
+def model_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> list[str]:
+  """Model keys whose values differ, as 'model.key: a -> b' strings."""
+  keys = sorted(set(a.model.keys()) | set(b.model.keys()))
+  return [f"model.{k}: {a.model.get(k)!r} -> {b.model.get(k)!r}"
+          for k in keys if a.model.get(k) != b.model.get(k)]

@@ -1,0 +1,1 @@
+"""Input: text sources, the SentencePiece tokenizer, and the Grain packing pipeline."""

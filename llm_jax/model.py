@@ -1,0 +1,196 @@
+"""A Llama-style decoder in Flax linen: RMSNorm, rotary positions, GQA, SwiGLU.
+
+Pure functional: `Transformer(ModelConfig).init/apply`, parameters in, logits out. Every
+parameter and every large activation carries logical axis names (`batch`, `length`, `embed`,
+`heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`); `llm_jax.sharding` maps them to
+the mesh. Shape suffixes: B batch, T query length, S key length, D d_model, N query heads,
+K kv heads, G = N/K queries per kv head, H head_dim, F mlp_dim, V vocab.
+
+Packed sequences: `segment_ids` (0 = padding) keep documents from attending to each other,
+and `positions` restart at each document, so a packed document sees exactly what it would
+see alone.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  mlp_dim: int
+  context_length: int
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+
+  @classmethod
+  def from_config(cls, model_config) -> "ModelConfig":
+    """Builds from the `model` section of a config (an ml_collections ConfigDict)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in model_config.items() if k in fields})
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+def _dense_init(in_axis, out_axis, scale=1.0):
+  return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal",
+                                          in_axis=in_axis, out_axis=out_axis)
+
+
+def _param(module, name, init, shape, axes):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                      jnp.dtype(module.config.param_dtype))
+
+
+class RMSNorm(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    scale_D = _param(self, "scale", nn.initializers.ones, (x_BTD.shape[-1],), ("embed",))
+    x = x_BTD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.config.norm_eps)
+    return (x * scale_D.astype(jnp.float32)).astype(self.config.dtype)
+
+
+def apply_rotary(x_BTNH, positions_BT, theta: float):
+  """Rotates pairs (i, i + H/2) of each head by angle position * theta^(-2i/H)."""
+  half = x_BTNH.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  sin, cos = jnp.sin(angles_BTF)[:, :, None, :], jnp.cos(angles_BTF)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BTNH.dtype)
+
+
+def attention_mask(segment_ids_BT):
+  """True where query t may attend key s: causal and within the same segment."""
+  length = segment_ids_BT.shape[1]
+  causal_TS = jnp.tril(jnp.ones((length, length), dtype=bool))
+  same_segment_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+  return causal_TS[None] & same_segment_BTS
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+    c = self.config
+    D, N, K, H = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
+    residual_scale = 1.0 / (2 * c.num_layers)  # GPT-2: keep the residual stream's variance flat
+    wq_DNH = _param(self, "query", _dense_init(0, (1, 2)), (D, N, H), ("embed", "heads", "head_dim"))
+    wk_DKH = _param(self, "key", _dense_init(0, (1, 2)), (D, K, H), ("embed", "kv_heads", "head_dim"))
+    wv_DKH = _param(self, "value", _dense_init(0, (1, 2)), (D, K, H), ("embed", "kv_heads", "head_dim"))
+    wo_NHD = _param(self, "out", _dense_init((0, 1), 2, residual_scale), (N, H, D),
+                    ("heads", "head_dim", "embed"))
+    dtype = c.dtype
+    q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, wq_DNH.astype(dtype))
+    k_BSKH = jnp.einsum("bsd,dkh->bskh", x_BTD, wk_DKH.astype(dtype))
+    v_BSKH = jnp.einsum("bsd,dkh->bskh", x_BTD, wv_DKH.astype(dtype))
+    q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "heads", "head_dim"))
+    k_BSKH = nn.with_logical_constraint(k_BSKH, ("batch", "length", "kv_heads", "head_dim"))
+    v_BSKH = nn.with_logical_constraint(v_BSKH, ("batch", "length", "kv_heads", "head_dim"))
+    q_BTNH = apply_rotary(q_BTNH, positions_BT, c.rope_theta)
+    k_BSKH = apply_rotary(k_BSKH, positions_BT, c.rope_theta)
+
+    B, T = x_BTD.shape[:2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32)
+    scores_BKGTS = scores_BKGTS * H**-0.5
+    mask_B11TS = attention_mask(segment_ids_BT)[:, None, None]
+    scores_BKGTS = jnp.where(mask_B11TS, scores_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dtype)
+    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+    out_BTNH = out_BTKGH.reshape(B, T, N, H)
+    out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "head_dim"))
+    return jnp.einsum("btnh,nhd->btd", out_BTNH, wo_NHD.astype(dtype))
+
+
+class MLP(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    c = self.config
+    D, F = c.d_model, c.mlp_dim
+    w_gate_DF = _param(self, "gate", _dense_init(0, 1), (D, F), ("embed", "mlp"))
+    w_up_DF = _param(self, "up", _dense_init(0, 1), (D, F), ("embed", "mlp"))
+    w_down_FD = _param(self, "down", _dense_init(0, 1, 1.0 / (2 * c.num_layers)), (F, D),
+                       ("mlp", "embed"))
+    gate_BTF = jnp.einsum("btd,df->btf", x_BTD, w_gate_DF.astype(c.dtype))
+    up_BTF = jnp.einsum("btd,df->btf", x_BTD, w_up_DF.astype(c.dtype))
+    hidden_BTF = nn.with_logical_constraint(nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp"))
+    return jnp.einsum("btf,fd->btd", hidden_BTF, w_down_FD.astype(c.dtype))
+
+
+class Block(nn.Module):
+  """Pre-norm block; the (carry, output) signature lets nn.scan stack it over layers."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+    h = Attention(self.config, name="attention")(
+        RMSNorm(self.config, name="attention_norm")(x_BTD), segment_ids_BT, positions_BT)
+    x_BTD = x_BTD + h
+    x_BTD = x_BTD + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x_BTD))
+    return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed")), None
+
+
+class Transformer(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None):
+    """Logits [B, T, V] for next-token prediction at every position."""
+    c = self.config
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones_like(tokens_BT)
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    embedding_VD = _param(self, "embedding", nn.initializers.normal(c.d_model**-0.5),
+                          (c.vocab_size, c.d_model), ("vocab", "embed"))
+    x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(c.dtype)
+    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+
+    block = Block
+    if c.remat_policy != "none":
+      block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BTD, _ = stack(c, name="layers")(x_BTD, segment_ids_BT, positions_BT)
+    else:
+      for i in range(c.num_layers):
+        x_BTD, _ = block(c, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT)
+
+    x_BTD = RMSNorm(c, name="final_norm")(x_BTD)
+    if c.tie_embeddings:
+      logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD.astype(c.dtype))
+    else:
+      head_DV = _param(self, "lm_head", _dense_init(0, 1), (c.d_model, c.vocab_size),
+                       ("embed", "vocab"))
+      logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV.astype(c.dtype))
+    return nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))

@@ -1,0 +1,217 @@
+"""The training loop: workdir checks, data, tokenizer, state, steps, metrics, checkpoints.
+
+The host stays out of the device's way: step N+1 is dispatched before step N's metrics are
+read, and metrics are only read on logging steps.
+"""
+
+import json
+import math
+import pathlib
+import random
+import sys
+import time
+
+import jax
+import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
+
+from llm_jax import config as config_lib
+from llm_jax import flops, generate, sharding
+from llm_jax.checkpoint import Checkpointer, is_primary
+from llm_jax.data import pipeline, sources
+from llm_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from llm_jax.errors import UserError
+from llm_jax.model import ModelConfig, Transformer
+from llm_jax.train import optimizer, state as state_lib, step as step_lib
+from llm_jax.train.metrics import MetricsWriter
+
+# Keys that change the parameters or what they compute; the others (compute dtype, remat)
+# may change between runs of the same workdir.
+_EXECUTION_ONLY_MODEL_KEYS = ("dtype", "remat_policy")
+
+
+def log(message: str) -> None:
+  if is_primary():
+    print(message, file=sys.stderr, flush=True)
+
+
+def check_workdir(config, workdir: pathlib.Path) -> None:
+  """Refuses a workdir whose saved config describes a different model. Writes nothing."""
+  saved = workdir / "config.json"
+  if not saved.exists():
+    return
+  try:
+    previous = config_lib.from_json(saved.read_text())
+  except (json.JSONDecodeError, TypeError):
+    raise UserError(f"{saved} is not a readable config; move the workdir aside or pass a "
+                    "new --workdir.") from None
+  differences = [d for d in config_lib.model_differences(previous, config)
+                 if d.split(":")[0].removeprefix("model.") not in _EXECUTION_ONLY_MODEL_KEYS]
+  if differences:
+    raise UserError(f"{workdir} holds a different model ({'; '.join(differences)}); pass a new "
+                    "--workdir or restore the workdir's model settings.")
+
+
+def prepare_tokenizer(config, workdir: pathlib.Path, corpus: sources.Corpus) -> Tokenizer:
+  """The run's tokenizer: the workdir's, the configured one, or a newly trained one."""
+  saved = workdir / "tokenizer.model"
+  given = config.data.tokenizer
+  if saved.exists():
+    tokenizer = load_tokenizer(saved)
+    if given and load_tokenizer(given).model_proto != tokenizer.model_proto:
+      raise UserError(f"data.tokenizer={given} differs from {saved} already in the workdir; "
+                      "pass a new --workdir or drop data.tokenizer.")
+  elif given:
+    tokenizer = load_tokenizer(given)
+  else:
+    tokenizer = None
+    if is_primary():
+      log(f"Training a {config.model.vocab_size}-piece SentencePiece BPE tokenizer on "
+          f"{config.data.tokenizer_sample_bytes / 1e6:.1f} MB of the training split")
+      tokenizer = train_tokenizer(_text_sample(corpus.train, config.data.tokenizer_sample_bytes,
+                                               config.train.seed), config.model.vocab_size)
+  if tokenizer is not None and tokenizer.vocab_size != config.model.vocab_size:
+    raise UserError(f"The tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size="
+                    f"{config.model.vocab_size}; set --config.model.vocab_size="
+                    f"{tokenizer.vocab_size}.")
+  if is_primary() and not saved.exists():
+    tokenizer.save(saved)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("tokenizer saved")
+    tokenizer = load_tokenizer(saved)
+  return tokenizer
+
+
+def _text_sample(documents: list[str], budget_bytes: int, seed: int):
+  order = list(range(len(documents)))
+  random.Random(seed).shuffle(order)
+  used = 0
+  for index in order:
+    if used >= budget_bytes:
+      return
+    used += len(documents[index])
+    yield documents[index]
+
+
+def evaluate(eval_step, params, batches) -> float:
+  totals = [eval_step(params, batch) for batch in batches]
+  loss_sum = sum(float(loss) for loss, _ in totals)
+  count = sum(float(n) for _, n in totals)
+  return loss_sum / max(count, 1.0)
+
+
+def train(config, workdir) -> dict:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
+  workdir = pathlib.Path(workdir)
+  config_lib.validate(config, jax.device_count())
+  check_workdir(config, workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  t, m = config.train, config.model
+  log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices; "
+      f"{flops.param_counts(m)['params'] / 1e6:.2f}M parameters")
+
+  corpus = sources.load_corpus(config.data.source, config.data.val_fraction)
+  log(corpus.summary())
+  workdir.mkdir(parents=True, exist_ok=True)
+  tokenizer = prepare_tokenizer(config, workdir, corpus)
+  if is_primary():
+    tmp = workdir / "config.json.tmp"
+    tmp.write_text(config_lib.to_json(config))
+    tmp.replace(workdir / "config.json")
+
+  model = Transformer(ModelConfig.from_config(m))
+  tx = optimizer.make_optimizer(t)
+  schedule = optimizer.learning_rate_schedule(t)
+  train_step, eval_step = step_lib.compile_steps(model, tx, schedule, mesh, t.grad_accum_steps)
+  checkpointer = Checkpointer(workdir / "checkpoints", t.keep_checkpoints)
+
+  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  data_iterator = iter(pipeline.packed_dataset(
+      corpus.train, tokenizer, m.context_length, t.batch_size, seed=t.seed, repeat=True, **process))
+  eval_batches = [sharding.global_batch(b, mesh) for b in pipeline.evaluation_batches(
+      corpus.validation, tokenizer, m.context_length, t.batch_size, t.eval_batches, **process)]
+
+  start_step = checkpointer.latest_step() or 0
+  if start_step:
+    log(f"Resuming from the checkpoint at step {start_step}")
+    try:
+      state, data_state = checkpointer.restore(
+          start_step, state_lib.abstract_with_shardings(model, tx, mesh))
+    except (ValueError, KeyError) as e:
+      raise UserError(f"The checkpoint at step {start_step} in {workdir} does not match this "
+                      f"model ({e}); pass a new --workdir.") from None
+    data_iterator.set_state(data_state)
+  else:
+    state = state_lib.init_state(model, tx, mesh, t.seed)
+
+  peak, peak_note = flops.peak_flops()
+  log(f"MFU is relative to the {peak_note}; {flops.flops_per_token(m) / 1e6:.1f} MFLOPs/token")
+  writer = MetricsWriter(workdir, start_step)
+  tokens_per_step = t.batch_size * m.context_length
+  progress = tqdm.tqdm(total=t.steps, initial=start_step, disable=not is_primary(),
+                       file=sys.stderr, dynamic_ncols=True, unit="step")
+  pending = None  # (step, device metrics) of a logging step, read one step late
+  timer_start, timer_step = None, start_step
+  summary = {}
+
+  def flush(pending_row):
+    nonlocal timer_start, timer_step
+    step, device_metrics = pending_row
+    values = jax.device_get(device_metrics)
+    now = time.perf_counter()
+    row = {k: float(v) for k, v in values.items() if k != "tokens"}
+    if timer_start is not None and step > timer_step:
+      tokens_per_sec = (step - timer_step) * tokens_per_step / (now - timer_start)
+      row["tokens_per_sec"] = tokens_per_sec
+      row["mfu"] = flops.mfu(tokens_per_sec, m, peak)
+    timer_start, timer_step = now, step
+    row["tokens_seen"] = step * tokens_per_step
+    if step in eval_results:
+      row["val_loss"] = eval_results.pop(step)
+      row["val_perplexity"] = math.exp(min(row["val_loss"], 50.0))
+    writer.write(step, row)
+    progress.set_postfix(loss=f"{row['loss']:.3f}",
+                         tok_s=f"{row.get('tokens_per_sec', 0):.0f}", refresh=False)
+    return row
+
+  eval_results = {}
+  with sharding.activate(mesh):
+    for step in range(start_step, t.steps):
+      batch = sharding.global_batch(next(data_iterator), mesh)
+      state, metrics = train_step(state, batch)
+      done = step + 1
+      if pending is not None:
+        summary.update(flush(pending))
+        pending = None
+      if timer_start is None:  # the first step includes compilation: time from its end
+        jax.block_until_ready(metrics)
+        timer_start, timer_step = time.perf_counter(), done
+      is_last = done == t.steps
+      if (t.eval_every and done % t.eval_every == 0) or is_last:
+        eval_results[done] = evaluate(eval_step, state.params, eval_batches)
+      if done % t.log_every == 0 or is_last or done in eval_results:
+        pending = (done, metrics)
+      if (t.checkpoint_every and done % t.checkpoint_every == 0) or is_last:
+        checkpointer.save(done, state, data_iterator.get_state())
+      progress.update(1)
+    if pending is not None:
+      summary.update(flush(pending))
+    progress.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+
+    if "val_loss" not in summary:  # nothing left to train: report the restored model
+      summary["val_loss"] = evaluate(eval_step, state.params, eval_batches)
+      summary["val_perplexity"] = math.exp(min(summary["val_loss"], 50.0))
+    log(f"Final validation loss {summary['val_loss']:.4f}, perplexity "
+        f"{summary['val_perplexity']:.2f} (ln vocab = {math.log(m.vocab_size):.2f})")
+    if t.sample_tokens and is_primary():
+      prompt = t.sample_prompt
+      new_ids = generate.sample(state.params, model, [tokenizer.bos_id, *tokenizer.encode(prompt)],
+                                t.sample_tokens, t.sample_temperature, t.seed, tokenizer.eos_id)
+      summary["sample"] = prompt + tokenizer.decode(new_ids)
+      print(f"--- sample (temperature {t.sample_temperature}) ---\n{summary['sample']}\n---",
+            flush=True)
+  return summary

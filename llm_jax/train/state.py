@@ -1,0 +1,68 @@
+"""The train state pytree and its sharded initialisation.
+
+Shardings come from the model's logical axis names: parameters carry them from
+`nn.with_logical_partitioning`, and optimizer-state leaves that mirror a parameter take the
+parameter's names (`optax.tree_map_params`); scalars such as Adam's count are replicated.
+"""
+
+import functools
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec
+
+from llm_jax import sharding
+from llm_jax.model import Transformer
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+
+
+def _boxed_params(model: Transformer, rng):
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return model.init(rng, tokens)["params"]
+
+
+def state_logical_specs(model: Transformer, tx: optax.GradientTransformation):
+  """(abstract TrainState, pytree of logical PartitionSpecs of the same structure)."""
+  boxed = jax.eval_shape(functools.partial(_boxed_params, model), jax.random.key(0))
+  param_specs = nn.get_partition_spec(boxed)
+  params = nn.meta.unbox(boxed)
+  opt_state = jax.eval_shape(tx.init, params)
+  opt_specs = optax.tree_map_params(
+      tx, lambda _, spec: spec, opt_state, param_specs,
+      transform_non_params=lambda _: PartitionSpec(), is_leaf=lambda x: isinstance(x, PartitionSpec))
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state)
+  specs = TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs)
+  return abstract, specs
+
+
+def state_shardings(model, tx, mesh):
+  abstract, specs = state_logical_specs(model, tx)
+  return abstract, sharding.logical_to_sharding(specs, mesh)
+
+
+def init_state(model: Transformer, tx, mesh, seed: int) -> TrainState:
+  """Initialises parameters and optimizer state directly in their shardings."""
+  _, shardings = state_shardings(model, tx, mesh)
+
+  def init(rng):
+    params = nn.meta.unbox(_boxed_params(model, rng))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  with sharding.activate(mesh):
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def abstract_with_shardings(model, tx, mesh):
+  """ShapeDtypeStructs carrying target shardings, for restoring a checkpoint onto `mesh`."""
+  abstract, shardings = state_shardings(model, tx, mesh)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
