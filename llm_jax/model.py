@@ -12,6 +12,7 @@ see alone.
 """
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -55,6 +56,18 @@ class ModelConfig:
 def _dense_init(in_axis, out_axis, scale=1.0):
   return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal",
                                           in_axis=in_axis, out_axis=out_axis)
+
+
+def project(x, w, num_contracted: int):
+  """Contracts the last `num_contracted` axes of x with the first ones of w.
+
+  Written as one 2-D matmul over flattened axes: XLA:CPU runs the backward pass of this form
+  about twice as fast as the equivalent multi-axis einsum, and it is the same op elsewhere.
+  """
+  contracted = w.shape[:num_contracted]
+  lead, out = x.shape[:x.ndim - num_contracted], w.shape[num_contracted:]
+  y = x.reshape(-1, math.prod(contracted)) @ w.reshape(math.prod(contracted), -1)
+  return y.reshape(*lead, *out)
 
 
 def _param(module, name, init, shape, axes):
@@ -106,9 +119,9 @@ class Attention(nn.Module):
     wo_NHD = _param(self, "out", _dense_init((0, 1), 2, residual_scale), (N, H, D),
                     ("heads", "head_dim", "embed"))
     dtype = c.dtype
-    q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, wq_DNH.astype(dtype))
-    k_BSKH = jnp.einsum("bsd,dkh->bskh", x_BTD, wk_DKH.astype(dtype))
-    v_BSKH = jnp.einsum("bsd,dkh->bskh", x_BTD, wv_DKH.astype(dtype))
+    q_BTNH = project(x_BTD, wq_DNH.astype(dtype), 1)
+    k_BSKH = project(x_BTD, wk_DKH.astype(dtype), 1)
+    v_BSKH = project(x_BTD, wv_DKH.astype(dtype), 1)
     q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "heads", "head_dim"))
     k_BSKH = nn.with_logical_constraint(k_BSKH, ("batch", "length", "kv_heads", "head_dim"))
     v_BSKH = nn.with_logical_constraint(v_BSKH, ("batch", "length", "kv_heads", "head_dim"))
@@ -125,7 +138,7 @@ class Attention(nn.Module):
     out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
     out_BTNH = out_BTKGH.reshape(B, T, N, H)
     out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "head_dim"))
-    return jnp.einsum("btnh,nhd->btd", out_BTNH, wo_NHD.astype(dtype))
+    return project(out_BTNH, wo_NHD.astype(dtype), 2)
 
 
 class MLP(nn.Module):
@@ -139,10 +152,10 @@ class MLP(nn.Module):
     w_up_DF = _param(self, "up", _dense_init(0, 1), (D, F), ("embed", "mlp"))
     w_down_FD = _param(self, "down", _dense_init(0, 1, 1.0 / (2 * c.num_layers)), (F, D),
                        ("mlp", "embed"))
-    gate_BTF = jnp.einsum("btd,df->btf", x_BTD, w_gate_DF.astype(c.dtype))
-    up_BTF = jnp.einsum("btd,df->btf", x_BTD, w_up_DF.astype(c.dtype))
+    gate_BTF = project(x_BTD, w_gate_DF.astype(c.dtype), 1)
+    up_BTF = project(x_BTD, w_up_DF.astype(c.dtype), 1)
     hidden_BTF = nn.with_logical_constraint(nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp"))
-    return jnp.einsum("btf,fd->btd", hidden_BTF, w_down_FD.astype(c.dtype))
+    return project(hidden_BTF, w_down_FD.astype(c.dtype), 1)
 
 
 class Block(nn.Module):
@@ -188,9 +201,9 @@ class Transformer(nn.Module):
 
     x_BTD = RMSNorm(c, name="final_norm")(x_BTD)
     if c.tie_embeddings:
-      logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD.astype(c.dtype))
+      logits_BTV = project(x_BTD, embedding_VD.T.astype(c.dtype), 1)
     else:
       head_DV = _param(self, "lm_head", _dense_init(0, 1), (c.d_model, c.vocab_size),
                        ("embed", "vocab"))
-      logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV.astype(c.dtype))
+      logits_BTV = project(x_BTD, head_DV.astype(c.dtype), 1)
     return nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))

@@ -2,12 +2,13 @@
 
 `builtin` is the running interpreter's standard library (`*.py` under sysconfig's
 `stdlib` path, site-packages excluded): real text on every machine, no download. A document
-is one file. The validation split is chosen by a hash of each file's path relative to the
+is one file; exact duplicates are kept once. The validation split is chosen by a hash of each file's path relative to the
 source root, so it does not depend on file order, machine or process count.
 """
 
 import dataclasses
 import glob
+import hashlib
 import pathlib
 import sysconfig
 import zlib
@@ -59,7 +60,8 @@ def load_corpus(source: str, val_fraction: float) -> Corpus:
     raise UserError(f"data.source={source!r} is not a known source; use 'builtin' or "
                     "'files:<glob>'.")
 
-  skipped = {"unreadable": 0, "binary": 0, "undecodable": 0, "empty": 0}
+  skipped = {"unreadable": 0, "binary": 0, "undecodable": 0, "empty": 0, "duplicate": 0}
+  seen = set()  # exact copies (the stdlib ships some) would leak validation into training
   train, validation = [], []
   for path in sorted(files):
     try:
@@ -78,18 +80,26 @@ def load_corpus(source: str, val_fraction: float) -> Corpus:
     if not text.strip():
       skipped["empty"] += 1
       continue
+    digest = hashlib.sha256(raw).digest()
+    if digest in seen:
+      skipped["duplicate"] += 1
+      continue
+    seen.add(digest)
     key = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
     in_validation = zlib.crc32(key.encode()) % _HASH_BUCKETS < val_fraction * _HASH_BUCKETS
     (validation if in_validation else train).append(text)
 
   corpus = Corpus(train, validation, description, skipped)
-  if not train:
-    raise UserError(f"No usable training text in {description} ({corpus.summary()}); "
-                    "point data.source at UTF-8 text files.")
+  total = len(train) + len(validation)
+  if total == 0:
+    raise UserError(f"No usable text in {description} ({corpus.summary()}); point "
+                    "data.source at UTF-8 text files.")
+  if total < 2:
+    raise UserError(f"{description} has a single usable document; a train and a validation "
+                    "split need at least two, so add files.")
+  # A tiny corpus may hash every document to one side; move one across so both exist.
   if not validation:
-    # A tiny corpus may hash no file into validation; hold out its last document instead.
-    if len(train) < 2:
-      raise UserError(f"{description} has a single usable document; a validation split "
-                      "needs at least two, so add files.")
     validation.append(train.pop())
+  if not train:
+    train.append(validation.pop())
   return corpus

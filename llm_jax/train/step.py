@@ -54,7 +54,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, grad_accum_step
   params = optax.apply_updates(state.params, updates)
   metrics = {
       "loss": loss,
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree.norm(grads),
       "learning_rate": schedule(state.step),
       "tokens": total_tokens,
   }

@@ -1,0 +1,47 @@
+"""Test setup: 8 fake CPU devices (set before JAX is imported) and shared tiny fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+import sysconfig  # noqa: E402
+
+import pytest  # noqa: E402
+
+from llm_jax import config as config_lib  # noqa: E402
+from llm_jax.data.tokenizer import train_tokenizer  # noqa: E402
+
+TINY_OVERRIDES = [
+    "model.vocab_size=512", "model.d_model=64", "model.num_layers=2", "model.num_heads=8",
+    "model.num_kv_heads=4", "model.mlp_dim=128", "model.context_length=32",
+    "train.batch_size=8", "train.steps=30", "train.warmup_steps=3", "train.log_every=5",
+    "train.eval_every=10", "train.eval_batches=2", "train.checkpoint_every=10",
+    "train.sample_tokens=8", "train.learning_rate=3e-3",
+]
+
+
+def tiny_config(*extra: str):
+  """A ~100k-parameter model that compiles and steps in well under a second."""
+  return config_lib.load_config(None, [*TINY_OVERRIDES, *extra])
+
+
+def stdlib_texts(count: int) -> list[str]:
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  return [p.read_text(encoding="utf-8") for p in sorted(root.glob("*.py"))[:count]]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+  return train_tokenizer(stdlib_texts(40), 512)
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> pathlib.Path:
+  """A directory of real text files (a slice of the stdlib) for the files: source."""
+  root = tmp_path_factory.mktemp("corpus")
+  for i, text in enumerate(stdlib_texts(60)):
+    (root / f"doc{i:03d}.py").write_text(text, encoding="utf-8")
+  return root

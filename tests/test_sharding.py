@@ -1,0 +1,73 @@
+"""A train step gives the same loss and parameters on every mesh as on one device."""
+
+import jax
+import numpy as np
+import pytest
+
+from llm_jax import sharding
+from llm_jax.model import ModelConfig, Transformer
+from llm_jax.train import optimizer, state as state_lib, step as step_lib
+
+from conftest import tiny_config
+
+
+def _batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  b, t, v = config.train.batch_size, config.model.context_length, config.model.vocab_size
+  segments = np.ones((b, t), np.int32)
+  segments[:, t // 2:] = 2  # two packed documents per row
+  positions = np.concatenate([np.arange(t // 2), np.arange(t - t // 2)])
+  weights = np.ones((b, t), np.float32)
+  weights[:, t // 2 - 1] = 0  # the boundary target is not a real next token
+  return {
+      "inputs": rng.integers(0, v, (b, t)).astype(np.int32),
+      "targets": rng.integers(0, v, (b, t)).astype(np.int32),
+      "segment_ids": segments,
+      "positions": np.tile(positions, (b, 1)).astype(np.int32),
+      "weights": weights,
+  }
+
+
+def _two_steps(config, devices):
+  mesh = sharding.make_mesh(config.mesh, devices)
+  model = Transformer(ModelConfig.from_config(config.model))
+  tx = optimizer.make_optimizer(config.train)
+  schedule = optimizer.learning_rate_schedule(config.train)
+  train_step, _ = step_lib.compile_steps(model, tx, schedule, mesh, config.train.grad_accum_steps)
+  state = state_lib.init_state(model, tx, mesh, seed=0)
+  losses = []
+  with sharding.activate(mesh):
+    for seed in (0, 1):
+      state, metrics = train_step(state, sharding.global_batch(_batch(config, seed), mesh))
+      losses.append(float(metrics["loss"]))
+  return losses, jax.device_get(state.params), state
+
+
+@pytest.fixture(scope="module")
+def single_device_reference():
+  config = tiny_config("mesh.fsdp=1")
+  return _two_steps(config, jax.devices()[:1])
+
+
+@pytest.mark.parametrize("data, fsdp, tensor", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
+def test_train_step_matches_single_device(single_device_reference, data, fsdp, tensor):
+  ref_losses, ref_params, _ = single_device_reference
+  config = tiny_config(f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}")
+  losses, params, state = _two_steps(config, jax.devices())
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+               params, ref_params)
+  # The parameters really are split as the rules say, not silently replicated.
+  query = state.params["layers"]["attention"]["query"]  # [layers, embed, heads, head_dim]
+  layers, embed, heads, head_dim = query.shape
+  assert query.addressable_shards[0].data.shape == (layers, embed // fsdp, heads // tensor,
+                                                    head_dim)
+
+
+def test_gradient_accumulation_matches_full_batch(single_device_reference):
+  ref_losses, ref_params, _ = single_device_reference
+  config = tiny_config("mesh.fsdp=1", "train.grad_accum_steps=4")
+  losses, params, _ = _two_steps(config, jax.devices()[:1])
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+               params, ref_params)
