@@ -1,7 +1,7 @@
 """Every config key, with its default and a one-line meaning.
 
 The defaults are the CPU-sized model that `llm-jax train` trains with no arguments: about
-three million parameters, on the Python standard library's own source, in a few minutes on
+3.3 million parameters, on the Python standard library's own source, in a few minutes on
 a 2-core laptop. Other configs start from `get_config()` here and change values; a key that
 is not declared here is an error everywhere (config files and `--config.KEY=VALUE`).
 """
@@ -14,13 +14,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.model = m = ml_collections.ConfigDict()
-  m.vocab_size = 2048  # tokenizer vocabulary; a given data.tokenizer must have exactly this size
+  m.vocab_size = 512  # tokenizer vocabulary; a given data.tokenizer must have exactly this size
   m.d_model = 256  # width of the residual stream
   m.num_layers = 4  # transformer blocks
-  m.num_heads = 8  # query heads; head_dim = d_model / num_heads
-  m.num_kv_heads = 4  # key/value heads (grouped-query attention); must divide num_heads
+  m.num_heads = 4  # query heads; head_dim = d_model / num_heads
+  m.num_kv_heads = 2  # key/value heads (grouped-query attention); must divide num_heads
   m.mlp_dim = 768  # hidden width of the SwiGLU MLP
-  m.context_length = 256  # tokens per training sequence
+  m.context_length = 128  # tokens per training sequence
   m.rope_theta = 10_000.0  # base of the rotary position embedding frequencies
   m.norm_eps = 1e-5  # epsilon of RMSNorm
   m.tie_embeddings = True  # share the input embedding with the output projection
@@ -30,11 +30,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   m.remat_policy = "none"  # activation recomputation: none, full, dots, dots_no_batch
 
   c.train = t = ml_collections.ConfigDict()
-  t.steps = 600  # optimizer steps in the whole run (the schedule's length)
+  t.steps = 800  # optimizer steps in the whole run (the schedule's length)
   t.batch_size = 16  # global batch in sequences, summed over all devices and hosts
   t.grad_accum_steps = 1  # microbatches per step; batch_size must divide by it
   t.learning_rate = 3e-3  # peak learning rate after warmup
-  t.warmup_steps = 60  # linear warmup from 0 to learning_rate
+  t.warmup_steps = 40  # linear warmup from 0 to learning_rate
   t.min_lr_ratio = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
   t.weight_decay = 0.1  # AdamW decoupled weight decay, applied to dense kernels only
   t.b1 = 0.9  # AdamW first-moment decay

@@ -12,7 +12,7 @@ from llm_jax.configs import base
 
 # name: (vocab, d_model, layers, heads, kv_heads, mlp_dim, context, rope_theta, tied)
 _SHAPES = {
-    "default": (2048, 256, 4, 8, 4, 768, 256, 1e4, True),
+    "default": (512, 256, 4, 4, 2, 768, 128, 1e4, True),
     "25m": (8192, 512, 6, 8, 4, 1536, 512, 1e4, True),
     "125m": (32000, 768, 12, 12, 4, 2048, 1024, 1e4, True),
     "1b": (32000, 2048, 16, 16, 8, 5632, 2048, 1e4, False),

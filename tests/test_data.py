@@ -95,3 +95,16 @@ def test_corpus_with_nothing_usable(tmp_path):
   (tmp_path / "b.txt").write_bytes(b"\xff\xfe\x00")
   with pytest.raises(UserError, match="No usable text"):
     sources.load_corpus(f"files:{tmp_path}/*.txt", 0.1)
+
+
+def test_evaluation_batches_cover_every_document_and_ignore_process_count(tokenizer):
+  docs = [f"doc{i} " + "word " * (30 * (i + 1)) for i in range(6)]
+  single = pipeline.evaluation_batches(docs, tokenizer, 16, batch_size=8, num_batches=2)
+  first_rows = single[0]["inputs"][:6, 0]
+  assert np.all(first_rows == tokenizer.bos_id)  # row-major over documents: all starts first
+  halves = [pipeline.evaluation_batches(docs, tokenizer, 16, 8, 2, process_index=p,
+                                        process_count=2) for p in (0, 1)]
+  for b in range(2):
+    for key in single[b]:
+      np.testing.assert_array_equal(
+          np.concatenate([halves[0][b][key], halves[1][b][key]]), single[b][key])

@@ -78,12 +78,30 @@ def _stack_padded(length: int):
 def evaluation_batches(documents: list[str], tokenizer: Tokenizer, context_length: int,
                        batch_size: int, num_batches: int, process_index: int = 0,
                        process_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """The first `num_batches` batches of the validation split in fixed order.
+  """This process's rows of a fixed set of `num_batches` validation batches.
 
-  A split too small for `num_batches` batches is cycled so every evaluation covers the same
-  number of tokens.
+  Each document is cut into rows of `context_length + 1` tokens of its own (the last row
+  padded), and rows are taken round-robin over documents — first rows of every document,
+  then second rows, ... — so a small evaluation budget still covers the whole split instead
+  of its first few long files. The rows do not depend on the seed or the process count; a
+  split too small for the budget is cycled.
   """
-  ds = packed_dataset(documents, tokenizer, context_length, batch_size, seed=None, repeat=True,
-                      process_index=process_index, process_count=process_count)
-  iterator = iter(ds)
-  return [next(iterator) for _ in range(num_batches)]
+  row_length = context_length + 1
+  per_document = []
+  for text in documents:
+    ids = np.asarray([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id], np.int32)
+    per_document.append([ids[i:i + row_length] for i in range(0, len(ids) - 1, row_length - 1)])
+  # Consecutive rows of a document overlap by one token, so every next-token pair is scored.
+  order = [rows[i] for i in range(max(map(len, per_document)))
+           for rows in per_document if i < len(rows)]
+  needed = batch_size * num_batches
+  order = [order[i % len(order)] for i in range(needed)]
+  local = batch_size // process_count
+  batches = []
+  for b in range(num_batches):
+    rows = order[b * batch_size + process_index * local:b * batch_size + (process_index + 1) * local]
+    stack = _stack_padded(row_length)
+    packed = stack([{"tokens": r, "tokens_segment_ids": np.ones(len(r), np.int32),
+                     "tokens_positions": np.arange(len(r), dtype=np.int32)} for r in rows])
+    batches.append(to_model_inputs(packed))
+  return batches
