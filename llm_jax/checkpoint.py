@@ -10,7 +10,6 @@ one mesh onto another.
 
 import pathlib
 
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -43,7 +42,3 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
-
-
-def is_primary() -> bool:
-  return jax.process_index() == 0

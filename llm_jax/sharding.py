@@ -32,6 +32,11 @@ LOGICAL_RULES = (
 BATCH_AXES = ("batch", "length")
 
 
+def is_primary() -> bool:
+  """Whether this process writes logs, metrics and files that exist once per run."""
+  return jax.process_index() == 0
+
+
 def make_mesh(mesh_config, devices=None) -> Mesh:
   devices = devices if devices is not None else jax.devices()
   shape = resolve_mesh_shape(mesh_config, len(devices))

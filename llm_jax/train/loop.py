@@ -12,17 +12,17 @@ import sys
 import time
 
 import jax
-import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
 from llm_jax import config as config_lib
 from llm_jax import flops, generate, sharding
-from llm_jax.checkpoint import Checkpointer, is_primary
+from llm_jax.checkpoint import Checkpointer
 from llm_jax.data import pipeline, sources
 from llm_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from llm_jax.errors import UserError
 from llm_jax.model import ModelConfig, Transformer
+from llm_jax.sharding import is_primary
 from llm_jax.train import optimizer, state as state_lib, step as step_lib
 from llm_jax.train.metrics import MetricsWriter
 
