@@ -97,10 +97,10 @@ def evaluation_batches(documents: list[str], tokenizer: Tokenizer, context_lengt
   needed = batch_size * num_batches
   order = [order[i % len(order)] for i in range(needed)]
   local = batch_size // process_count
+  stack = _stack_padded(row_length)
   batches = []
   for b in range(num_batches):
     rows = order[b * batch_size + process_index * local:b * batch_size + (process_index + 1) * local]
-    stack = _stack_padded(row_length)
     packed = stack([{"tokens": r, "tokens_segment_ids": np.ones(len(r), np.int32),
                      "tokens_positions": np.arange(len(r), dtype=np.int32)} for r in rows])
     batches.append(to_model_inputs(packed))
