@@ -2,8 +2,9 @@
 
 `builtin` is the running interpreter's standard library (`*.py` under sysconfig's
 `stdlib` path, site-packages excluded): real text on every machine, no download. A document
-is one file; exact duplicates are kept once. The validation split is chosen by a hash of each file's path relative to the
-source root, so it does not depend on file order, machine or process count.
+is one file; exact duplicates are kept once. The validation split is chosen by a hash of
+each file's path relative to the source root, so it does not depend on file order, machine
+or process count.
 """
 
 import dataclasses

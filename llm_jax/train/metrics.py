@@ -8,13 +8,14 @@ import json
 import math
 import pathlib
 
-import jax
 from tensorboardX import SummaryWriter
+
+from llm_jax.sharding import is_primary
 
 
 class MetricsWriter:
   def __init__(self, workdir: pathlib.Path, resume_step: int):
-    self.enabled = jax.process_index() == 0
+    self.enabled = is_primary()
     if not self.enabled:
       return
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
