@@ -44,7 +44,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   t.seed = 0  # seed of parameter init, data order and sampling
   t.log_every = 10  # steps between rows of metrics.jsonl
   t.eval_every = 200  # steps between validation evaluations (0: only at the end)
-  t.eval_batches = 8  # batches of batch_size sequences per evaluation
+  t.eval_tokens = 16_384  # validation input positions per evaluation (same set every time)
   t.checkpoint_every = 200  # steps between checkpoints (0: only at the end)
   t.keep_checkpoints = 2  # newest checkpoints kept on disk
   t.sample_prompt = "def "  # prompt of the sample printed at the end of a run
@@ -52,7 +52,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   t.sample_temperature = 0.7  # sampling temperature of that sample (0: greedy)
 
   c.data = d = ml_collections.ConfigDict()
-  d.source = "builtin"  # 'builtin' (this Python's stdlib .py files) or 'files:<glob>'
+  d.source = "builtin"  # 'builtin' (stdlib .py), 'files:<glob>', 'tfds:<name>[/<cfg>][:<split>]'
+  d.mixture = ""  # 'SOURCE=WEIGHT; ...' with weights as token shares; '' reads data.source
+  d.text_key = "text"  # field holding the text in .jsonl lines and TFDS features
+  d.tfds_data_dir = ""  # where tfds: datasets are prepared ('' is TFDS's default directory)
   d.tokenizer = ""  # path of an existing SentencePiece model, or '' to train one
   d.val_fraction = 0.02  # share of documents held out for validation, chosen by path hash
   d.tokenizer_sample_bytes = 4_000_000  # training-split text sampled to train a tokenizer

@@ -125,7 +125,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   positive = ["model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
               "model.num_kv_heads", "model.mlp_dim", "model.context_length", "train.steps",
               "train.batch_size", "train.grad_accum_steps", "train.log_every",
-              "train.eval_batches", "train.keep_checkpoints", "model.rope_theta",
+              "train.eval_tokens", "train.keep_checkpoints", "model.rope_theta",
               "train.learning_rate", "model.norm_eps"]
   for name in positive:
     value = _get(config, name)

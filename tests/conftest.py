@@ -18,7 +18,7 @@ TINY_OVERRIDES = [
     "model.vocab_size=512", "model.d_model=64", "model.num_layers=2", "model.num_heads=8",
     "model.num_kv_heads=4", "model.mlp_dim=128", "model.context_length=32",
     "train.batch_size=8", "train.steps=30", "train.warmup_steps=3", "train.log_every=5",
-    "train.eval_every=10", "train.eval_batches=2", "train.checkpoint_every=10",
+    "train.eval_every=10", "train.eval_tokens=512", "train.checkpoint_every=10",
     "train.sample_tokens=8", "train.learning_rate=3e-3",
 ]
 

@@ -1,5 +1,6 @@
 import pytest
 
+from llm_jax import cli
 from llm_jax.data.tokenizer import BOS_ID, CHAT_TOKENS, EOS_ID, PAD_ID, load_tokenizer
 from llm_jax.errors import UserError
 
@@ -41,3 +42,40 @@ def test_bad_tokenizer_paths(tmp_path):
   junk.write_bytes(b"not a model")
   with pytest.raises(UserError, match="not a SentencePiece model"):
     load_tokenizer(junk)
+
+
+def _run(capsys, *args):
+  code = cli.main(list(args))
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_tokenizer_commands_train_encode_decode(text_corpus, tmp_path, capsys):
+  out_path = tmp_path / "tok.model"
+  code, _, err = _run(capsys, "tokenizer", "train", "--source", f"files:{text_corpus}/*.py",
+                      "--vocab_size", "400", "--out", str(out_path), "--sample_bytes", "200000")
+  assert code == 0 and "400-piece" in err
+  assert load_tokenizer(out_path).vocab_size == 400
+  text = "def main():\n    return 42\n"
+  code, ids, _ = _run(capsys, "tokenizer", "encode", "--tokenizer", str(out_path), text)
+  assert code == 0 and ids.split() == [str(i) for i in load_tokenizer(out_path).encode(text)]
+  code, decoded, _ = _run(capsys, "tokenizer", "decode", "--tokenizer", str(out_path),
+                          ids.strip())
+  assert code == 0 and decoded == text + "\n"
+  code, pieces, _ = _run(capsys, "tokenizer", "encode", "--pieces", "--tokenizer",
+                         str(out_path), "def")
+  assert code == 0 and pieces.splitlines()[0].split("\t")[0].isdigit()
+
+  before = out_path.read_bytes()  # an existing tokenizer is never overwritten
+  code, _, err = _run(capsys, "tokenizer", "train", "--vocab_size", "400", "--out",
+                      str(out_path))
+  assert code == 2 and "already exists" in err and out_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("ids, words", [("2 99999", "outside this tokenizer's vocabulary"),
+                                        ("2 x", "integer token ids")])
+def test_decode_bad_ids(tokenizer, tmp_path, capsys, ids, words):
+  path = tmp_path / "tok.model"
+  tokenizer.save(path)
+  code, _, err = _run(capsys, "tokenizer", "decode", "--tokenizer", str(path), ids)
+  assert code == 2 and words in err

@@ -63,11 +63,16 @@ def test_resume_continues_without_duplicate_rows(trained, text_corpus):
   assert (workdir / "checkpoints" / "40").exists()
 
 
-def test_different_model_in_workdir_is_refused_and_nothing_changes(trained, text_corpus):
+@pytest.mark.parametrize("change, words", [
+    ("model.num_layers=3", "model.num_layers: 2 -> 3"),
+    ("train.batch_size=16", "another data layout"),
+])
+def test_incompatible_resume_is_refused_and_nothing_changes(trained, text_corpus, change,
+                                                            words):
   _, workdir, _ = trained
   before = _snapshot(workdir)
-  other = tiny_config(f"data.source=files:{text_corpus}/*.py", "model.num_layers=3")
-  with pytest.raises(UserError, match="model.num_layers: 2 -> 3"):
+  other = tiny_config(f"data.source=files:{text_corpus}/*.py", change)
+  with pytest.raises(UserError, match=words):
     train(other, workdir)
   assert _snapshot(workdir) == before
 

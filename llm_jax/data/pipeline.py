@@ -1,22 +1,36 @@
-"""The Grain pipeline: shuffle documents, tokenize, pack, batch, split into model inputs.
+"""The Grain pipeline: shuffle documents, tokenize, pack, mix, batch, split into model inputs.
 
-Each document becomes `[bos] + tokens + [eos]`. Documents are concatenated and cut into rows
-of `context_length + 1` tokens (Grain's concat-then-split packing): a document longer than
+Packing. Each document becomes `[bos] + tokens + [eos]`. Documents are concatenated and cut
+into rows of `context_length + 1` tokens (Grain's concat-then-split): a document longer than
 the room left continues in the next row, so no token is dropped. Grain writes per-row
-`segment_ids` (1, 2, ... for the pieces in the row) and `positions` (restarting at each
-piece). A row of `context_length + 1` tokens gives `context_length` input/target pairs;
-targets that cross into another segment get weight 0, so the loss never asks a document to
-predict the next one.
+`segment_ids` (1, 2, ... for the pieces in a row) and `positions` (restarting at each piece).
+A row gives `context_length` input/target pairs; a target in another segment than its input
+gets weight 0, so the loss never asks one document to predict the next.
 
-Each process reads the documents `process_index::process_count` and yields its share of
-the global batch; `llm_jax.sharding.global_batch` assembles the global arrays.
+Streams. The global batch of B rows is filled by S independent streams (S is the largest
+divisor of B no larger than the smallest source's training split), each B/S consecutive
+rows. Stream s reads documents s, s+S, s+2S, ... of every source, shuffles them with its own
+seed each epoch, packs them, and mixes the sources' rows by weight, so a mixture weight is a
+share of training tokens. Process p of P owns streams [p*S/P, (p+1)*S/P): hosts read
+disjoint documents, and the global batch is the same for any process count that divides S.
+
+The loop asks for batch N+1 while the device still computes step N (JAX dispatches
+asynchronously), so the host's work overlaps the device's without a prefetch thread. The
+iterator's state (a JSON-able dict) is saved in checkpoints, so a resumed run continues at
+the next batch.
 """
+
+import json
+import math
+from collections.abc import Sequence
 
 import grain
 import grain.experimental
 import numpy as np
 
+from llm_jax.data.sources import Documents
 from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.errors import UserError
 
 
 def _tokenize(tokenizer: Tokenizer):
@@ -41,67 +55,178 @@ def to_model_inputs(row_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   }
 
 
-def packed_dataset(documents: list[str], tokenizer: Tokenizer, context_length: int,
-                   batch_size: int, *, seed: int | None, repeat: bool,
-                   process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """Batches of this process's `batch_size // process_count` rows as model inputs.
+def packed_rows(documents: Documents | grain.MapDataset, tokenizer: Tokenizer,
+                context_length: int, *,
+                seed: int | None, repeat: bool) -> grain.IterDataset:
+  """Rows of `context_length + 1` packed tokens; `seed=None` keeps document order.
 
-  `seed=None` keeps document order (for evaluation); `repeat` cycles epochs forever, with a
-  new shuffle each epoch.
+  With `repeat`, epochs cycle forever, each shuffled anew; without, the last row may be short.
   """
-  local_batch = batch_size // process_count
-  ds = grain.MapDataset.source(documents)[process_index::process_count]
+  ds = documents if isinstance(documents, grain.MapDataset) else grain.MapDataset.source(documents)
   if seed is not None:
     ds = ds.shuffle(seed=seed)
   if repeat:
     ds = ds.repeat()
-  ds = ds.map(_tokenize(tokenizer))
-  rows = grain.experimental.ConcatThenSplitIterDataset(
-      ds.to_iter_dataset(), length_struct={"tokens": context_length + 1})
-  return rows.batch(local_batch, drop_remainder=repeat, batch_fn=_stack_padded(context_length + 1)
-                    ).map(to_model_inputs)
+  # Read-ahead threads per stream would only contend for the GIL: tokenizing is fast
+  # (see `llm-jax data bench`) and already overlaps the device through async dispatch.
+  ds = ds.map(_tokenize(tokenizer)).to_iter_dataset(grain.ReadOptions(num_threads=0))
+  return grain.experimental.ConcatThenSplitIterDataset(
+      ds, length_struct={"tokens": context_length + 1})
 
 
-def _stack_padded(length: int):
-  """Stacks rows, padding the stream's last short row with segment 0 (weight 0)."""
-  def fn(rows):
-    out = {}
-    for key in rows[0]:
-      stacked = np.zeros((len(rows), length), dtype=rows[0][key].dtype)
-      for i, row in enumerate(rows):
-        stacked[i, :len(row[key])] = row[key]
-      out[key] = stacked
-    return out
-  return fn
+def num_streams(batch_size: int, train_sizes: Sequence[int]) -> int:
+  """The largest divisor of `batch_size` that no source has fewer training documents than."""
+  fewest = min(train_sizes)
+  return max(d for d in range(1, batch_size + 1) if batch_size % d == 0 and d <= fewest)
 
 
-def evaluation_batches(documents: list[str], tokenizer: Tokenizer, context_length: int,
-                       batch_size: int, num_batches: int, process_index: int = 0,
-                       process_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """This process's rows of a fixed set of `num_batches` validation batches.
+def _stream_seed(seed: int, stream: int, source: int) -> int:
+  return int(np.random.SeedSequence([seed, stream, source]).generate_state(1)[0])
 
-  Each document is cut into rows of `context_length + 1` tokens of its own (the last row
-  padded), and rows are taken round-robin over documents — first rows of every document,
-  then second rows, ... — so a small evaluation budget still covers the whole split instead
-  of its first few long files. The rows do not depend on the seed or the process count; a
-  split too small for the budget is cycled.
+
+def training_dataset(mixture: Sequence[tuple[Documents, float]], tokenizer: Tokenizer,
+                     context_length: int, batch_size: int, *, seed: int,
+                     process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Endless batches of this process's `batch_size // process_count` rows as model inputs.
+
+  `mixture` pairs each source's training documents with its share of tokens.
   """
-  row_length = context_length + 1
+  streams = num_streams(batch_size, [len(docs) for docs, _ in mixture])
+  if streams % process_count:
+    fewest = min(len(docs) for docs, _ in mixture)
+    raise UserError(f"{process_count} processes cannot read disjoint documents: the smallest "
+                    f"source has {fewest} training documents, enough for {streams} streams; "
+                    f"add documents or use a train.batch_size with more divisors.")
+  rows_per_stream = batch_size // streams
+  local = streams // process_count
+  weights = [weight for _, weight in mixture]
+  stream_datasets = []
+  for stream in range(process_index * local, (process_index + 1) * local):
+    parts = [packed_rows(grain.MapDataset.source(docs)[stream::streams], tokenizer,
+                         context_length, seed=_stream_seed(seed, stream, j), repeat=True)
+             for j, (docs, _) in enumerate(mixture)]
+    rows = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, weights)
+    stream_datasets.append(rows.batch(rows_per_stream))
+  # Equal weights interleave the streams round-robin: stream-major rows in every batch.
+  ds = stream_datasets[0] if local == 1 else grain.IterDataset.mix(stream_datasets)
+  ds = ds.batch(local, batch_fn=_concat_blocks)
+  layout = {"streams": streams, "rows_per_stream": rows_per_stream, "seed": seed,
+            "context_length": context_length, "weights": weights,
+            "documents": [len(docs) for docs, _ in mixture]}
+  return _Resumable(ds.map(to_model_inputs), layout)
+
+
+def _concat_blocks(blocks: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {key: np.concatenate([b[key] for b in blocks]) for key in blocks[0]}
+
+
+def _stack_padded(rows: Sequence[np.ndarray], length: int) -> np.ndarray:
+  stacked = np.zeros((len(rows), length), dtype=np.int32)
+  for i, row in enumerate(rows):
+    stacked[i, :len(row)] = row
+  return stacked
+
+
+def _evaluation_rows(documents: Documents, tokenizer: Tokenizer, row_length: int,
+                     num_rows: int) -> list[np.ndarray]:
+  """`num_rows` rows taken round-robin over documents: first rows of all, then second rows...
+
+  So a small budget covers many documents instead of the first few long ones. Only the
+  documents needed are read: with more documents than rows, the first `num_rows`; with
+  fewer, each contributes at most `ceil(num_rows / len(documents))` rows before cycling.
+  """
+  cap = math.ceil(num_rows / len(documents))
   per_document = []
-  for text in documents:
-    ids = np.asarray([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id], np.int32)
-    per_document.append([ids[i:i + row_length] for i in range(0, len(ids) - 1, row_length - 1)])
-  # Consecutive rows of a document overlap by one token, so every next-token pair is scored.
-  order = [rows[i] for i in range(max(map(len, per_document)))
-           for rows in per_document if i < len(rows)]
-  needed = batch_size * num_batches
-  order = [order[i % len(order)] for i in range(needed)]
+  for index in range(min(len(documents), num_rows)):
+    ids = np.asarray([tokenizer.bos_id, *tokenizer.encode(documents[index]),
+                      tokenizer.eos_id], np.int32)
+    # Consecutive rows overlap by one token, so every next-token pair is scored once.
+    starts = range(0, len(ids) - 1, row_length - 1)
+    per_document.append([ids[i:i + row_length] for i in starts][:cap])
+  order = [rows[i] for i in range(cap) for rows in per_document if i < len(rows)]
+  return [order[i % len(order)] for i in range(num_rows)]
+
+
+def evaluation_batches(mixture: Sequence[tuple[Documents, float]], tokenizer: Tokenizer,
+                       context_length: int, batch_size: int, num_tokens: int,
+                       process_index: int = 0, process_count: int = 1
+                       ) -> list[dict[str, np.ndarray]]:
+  """This process's share of a fixed evaluation set of about `num_tokens` input positions.
+
+  The set has `ceil(num_tokens / context_length)` rows, split between sources by weight and
+  padded with empty (weight 0) rows to whole batches. It depends on neither the seed, the
+  batch size nor the process count.
+  """
+  num_rows = math.ceil(num_tokens / context_length)
+  row_length = context_length + 1
+  rows = []
+  for j, (docs, weight) in enumerate(mixture):
+    share = (num_rows - len(rows) if j == len(mixture) - 1
+             else round(num_rows * weight))
+    if share > 0:
+      rows += _evaluation_rows(docs, tokenizer, row_length, share)
+  num_batches = math.ceil(len(rows) / batch_size)
   local = batch_size // process_count
-  stack = _stack_padded(row_length)
   batches = []
   for b in range(num_batches):
-    rows = order[b * batch_size + process_index * local:b * batch_size + (process_index + 1) * local]
-    packed = stack([{"tokens": r, "tokens_segment_ids": np.ones(len(r), np.int32),
-                     "tokens_positions": np.arange(len(r), dtype=np.int32)} for r in rows])
-    batches.append(to_model_inputs(packed))
+    mine = rows[b * batch_size + process_index * local:][:local]
+    tokens = _stack_padded(mine, row_length)
+    filled = _stack_padded([np.ones(len(r), np.int32) for r in mine], row_length)
+    positions = _stack_padded([np.arange(len(r), dtype=np.int32) for r in mine], row_length)
+    batches.append(to_model_inputs({"tokens": tokens, "tokens_segment_ids": filled,
+                                    "tokens_positions": positions}))
   return batches
+
+
+def _tuples_for_slices(state):
+  if isinstance(state, dict):
+    return {key: (_slices_as_tuples(value) if key == "remainder_slices"
+                  else _tuples_for_slices(value)) for key, value in state.items()}
+  if isinstance(state, list):
+    return [_tuples_for_slices(value) for value in state]
+  return state
+
+
+def _slices_as_tuples(slices: dict) -> dict:
+  return {feature: tuple(bounds) for feature, bounds in slices.items()}
+
+
+class _Resumable(grain.IterDataset):
+  """Batches whose iterator state names the data layout and survives a JSON round trip.
+
+  A state saved under another layout (batch size, seed, context length, sources) cannot
+  continue the same order, so restoring it is refused instead of silently mixing orders.
+  Grain's concat-then-split packer (0.2.x) marks unsliced features with the tuple (-1, -1)
+  and compares with `!=`; JSON, as checkpoints store states, turns it into a list, and a
+  restored packer would silently empty the document it was in the middle of. The iterator
+  turns those lists back.
+  """
+
+  def __init__(self, parent: grain.IterDataset, layout: dict):
+    super().__init__(parent)
+    self._layout = json.loads(json.dumps(layout))  # as it reads back from a checkpoint
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _ResumableIterator(self._parent.__iter__(), self._layout)
+
+
+class _ResumableIterator(grain.DatasetIterator):
+  def __init__(self, parent: grain.DatasetIterator, layout: dict):
+    super().__init__(parent)
+    self._layout = layout
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    return {"layout": self._layout, "pipeline": self._parent.get_state()}
+
+  def set_state(self, state):
+    saved = state.get("layout")
+    if saved != self._layout:
+      changed = sorted(k for k in self._layout if (saved or {}).get(k) != self._layout[k])
+      raise UserError(f"The saved data position belongs to another data layout (changed: "
+                      f"{', '.join(changed)}), so the batch order cannot resume; restore "
+                      "train.batch_size, train.seed, model.context_length and the data "
+                      "settings of the run, or start a new --workdir.")
+    self._parent.set_state(_tuples_for_slices(state["pipeline"]))

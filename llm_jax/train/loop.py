@@ -7,7 +7,6 @@ read, and metrics are only read on logging steps.
 import json
 import math
 import pathlib
-import random
 import sys
 import time
 
@@ -53,7 +52,8 @@ def check_workdir(config, workdir: pathlib.Path) -> None:
                     "--workdir or restore the workdir's model settings.")
 
 
-def prepare_tokenizer(config, workdir: pathlib.Path, corpus: sources.Corpus) -> Tokenizer:
+def prepare_tokenizer(config, workdir: pathlib.Path,
+                      mixture: list[tuple[sources.Source, float]]) -> Tokenizer:
   """The run's tokenizer: the workdir's, the configured one, or a newly trained one."""
   saved = workdir / "tokenizer.model"
   given = config.data.tokenizer
@@ -69,8 +69,9 @@ def prepare_tokenizer(config, workdir: pathlib.Path, corpus: sources.Corpus) -> 
     if is_primary():
       log(f"Training a {config.model.vocab_size}-piece SentencePiece BPE tokenizer on "
           f"{config.data.tokenizer_sample_bytes / 1e6:.1f} MB of the training split")
-      tokenizer = train_tokenizer(_text_sample(corpus.train, config.data.tokenizer_sample_bytes,
-                                               config.train.seed), config.model.vocab_size)
+      tokenizer = train_tokenizer(
+          sources.text_sample(mixture, config.data.tokenizer_sample_bytes, config.train.seed),
+          config.model.vocab_size)
   if tokenizer is not None and tokenizer.vocab_size != config.model.vocab_size:
     raise UserError(f"The tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size="
                     f"{config.model.vocab_size}; set --config.model.vocab_size="
@@ -81,17 +82,6 @@ def prepare_tokenizer(config, workdir: pathlib.Path, corpus: sources.Corpus) -> 
     multihost_utils.sync_global_devices("tokenizer saved")
     tokenizer = load_tokenizer(saved)
   return tokenizer
-
-
-def _text_sample(documents: list[str], budget_bytes: int, seed: int):
-  order = list(range(len(documents)))
-  random.Random(seed).shuffle(order)
-  used = 0
-  for index in order:
-    if used >= budget_bytes:
-      return
-    used += len(documents[index])
-    yield documents[index]
 
 
 def evaluate(eval_step, params, batches) -> float:
@@ -111,14 +101,11 @@ def train(config, workdir) -> dict:
   log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices; "
       f"{flops.param_counts(m)['params'] / 1e6:.2f}M parameters")
 
-  corpus = sources.load_corpus(config.data.source, config.data.val_fraction)
-  log(corpus.summary())
+  mixture = sources.open_sources(config.data)
+  for source, weight in mixture:
+    log(source.summary() + (f"; {weight:.0%} of training tokens" if len(mixture) > 1 else ""))
   workdir.mkdir(parents=True, exist_ok=True)
-  tokenizer = prepare_tokenizer(config, workdir, corpus)
-  if is_primary():
-    tmp = workdir / "config.json.tmp"
-    tmp.write_text(config_lib.to_json(config))
-    tmp.replace(workdir / "config.json")
+  tokenizer = prepare_tokenizer(config, workdir, mixture)
 
   model = Transformer(ModelConfig.from_config(m))
   tx = optimizer.make_optimizer(t)
@@ -127,23 +114,31 @@ def train(config, workdir) -> dict:
   checkpointer = Checkpointer(workdir / "checkpoints", t.keep_checkpoints)
 
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  data_iterator = iter(pipeline.packed_dataset(
-      corpus.train, tokenizer, m.context_length, t.batch_size, seed=t.seed, repeat=True, **process))
-  eval_batches = [sharding.global_batch(b, mesh) for b in pipeline.evaluation_batches(
-      corpus.validation, tokenizer, m.context_length, t.batch_size, t.eval_batches, **process)]
+  data_iterator = iter(pipeline.training_dataset(
+      [(source.train, weight) for source, weight in mixture], tokenizer, m.context_length,
+      t.batch_size, seed=t.seed, **process))
+  local_eval_batches = pipeline.evaluation_batches(
+      [(source.validation, weight) for source, weight in mixture], tokenizer, m.context_length,
+      t.batch_size, t.eval_tokens, **process)
+  eval_batches = [sharding.global_batch(b, mesh) for b in local_eval_batches]
+  scored = int(sum(float(b["weights"].sum()) for b in eval_batches))
+  log(f"Evaluation: {len(eval_batches)} batches, {scored} scored validation tokens")
 
   start_step = checkpointer.latest_step() or 0
   if start_step:
     log(f"Resuming from the checkpoint at step {start_step}")
     try:
-      state, data_state = checkpointer.restore(
-          start_step, state_lib.abstract_with_shardings(model, tx, mesh))
+      state = checkpointer.restore(
+          start_step, state_lib.abstract_with_shardings(model, tx, mesh), data_iterator)
     except (ValueError, KeyError) as e:
       raise UserError(f"The checkpoint at step {start_step} in {workdir} does not match this "
-                      f"model ({e}); pass a new --workdir.") from None
-    data_iterator.set_state(data_state)
+                      f"model and data ({e}); pass a new --workdir.") from None
   else:
     state = state_lib.init_state(model, tx, mesh, t.seed)
+  if is_primary():  # only now: a refused resume leaves the workdir as it was
+    tmp = workdir / "config.json.tmp"
+    tmp.write_text(config_lib.to_json(config))
+    tmp.replace(workdir / "config.json")
 
   peak, peak_note = flops.peak_flops()
   log(f"MFU is relative to the {peak_note}; {flops.flops_per_token(m) / 1e6:.1f} MFLOPs/token")
@@ -193,7 +188,7 @@ def train(config, workdir) -> dict:
       if done % t.log_every == 0 or is_last or done in eval_results:
         pending = (done, metrics)
       if (t.checkpoint_every and done % t.checkpoint_every == 0) or is_last:
-        checkpointer.save(done, state, data_iterator.get_state())
+        checkpointer.save(done, state, data_iterator)
       progress.update(1)
     if pending is not None:
       summary.update(flush(pending))

@@ -1,0 +1,43 @@
+"""Input-pipeline throughput: how fast the configured sources become training batches."""
+
+import time
+
+from llm_jax.data import pipeline, sources
+from llm_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+
+def measure(config, batches: int) -> dict:
+  """Indexes the sources, gets a tokenizer and times `batches` training batches.
+
+  The tokenizer is `data.tokenizer` if set, else one trained as `llm-jax train` would; its
+  training time is reported apart from the pipeline's.
+  """
+  d, m, t = config.data, config.model, config.train
+  start = time.perf_counter()
+  mixture = sources.open_sources(d)
+  index_sec = time.perf_counter() - start
+  start = time.perf_counter()
+  tokenizer: Tokenizer = (load_tokenizer(d.tokenizer) if d.tokenizer else train_tokenizer(
+      sources.text_sample(mixture, d.tokenizer_sample_bytes, t.seed), m.vocab_size))
+  tokenizer_sec = time.perf_counter() - start
+
+  iterator = iter(pipeline.training_dataset(
+      [(source.train, weight) for source, weight in mixture], tokenizer, m.context_length,
+      t.batch_size, seed=t.seed))
+  start = time.perf_counter()
+  next(iterator)
+  first_batch_sec = time.perf_counter() - start
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  elapsed = time.perf_counter() - start
+  tokens = batches * t.batch_size * m.context_length
+  return {
+      "sources": [source.summary() for source, _ in mixture],
+      "index_sec": index_sec,
+      "tokenizer_sec": tokenizer_sec,
+      "first_batch_sec": first_batch_sec,
+      "batches": batches,
+      "batch_tokens": t.batch_size * m.context_length,
+      "tokens_per_sec": tokens / elapsed,
+  }
