@@ -3,13 +3,11 @@
 import json
 import re
 
-import jax
 import numpy as np
 import pytest
 
 from llm_jax import cli
 from llm_jax import config as config_lib
-from llm_jax.checkpoint import Checkpointer
 from llm_jax.data import pipeline, sources
 from llm_jax.errors import UserError
 
@@ -120,25 +118,6 @@ def test_iterator_state_resumes_exactly_wherever_it_was_saved(tokenizer):
     resumed.set_state(saved)
     for batch in expected:
       np.testing.assert_array_equal(batch["inputs"], next(resumed)["inputs"])
-
-
-def test_checkpoint_restores_the_data_iterator(tokenizer, tmp_path):
-  docs = [f"text {i} " * (i % 11 + 1) for i in range(40)]
-  ds = pipeline.training_dataset([(docs, 1.0)], tokenizer, 16, 8, seed=0)
-  it = iter(ds)
-  for _ in range(3):
-    next(it)
-  state = {"w": jax.numpy.arange(4.0)}
-  checkpointer = Checkpointer(tmp_path / "ckpt", keep=2)
-  checkpointer.save(3, state, it)
-  checkpointer.wait()
-  expected = [next(it)["inputs"] for _ in range(3)]
-  fresh = iter(ds)
-  restored = checkpointer.restore(3, jax.eval_shape(lambda: state), fresh)
-  checkpointer.close()
-  np.testing.assert_array_equal(restored["w"], state["w"])
-  for inputs in expected:
-    np.testing.assert_array_equal(inputs, next(fresh)["inputs"])
 
 
 def test_mixture_weights_are_token_shares(tokenizer):

@@ -100,24 +100,17 @@ def training_dataset(mixture: Sequence[tuple[Documents, float]], tokenizer: Toke
   rows_per_stream = batch_size // streams
   local = streams // process_count
   weights = [weight for _, weight in mixture]
-  stream_datasets = []
+  stream_datasets = {}
   for stream in range(process_index * local, (process_index + 1) * local):
     parts = [packed_rows(grain.MapDataset.source(docs)[stream::streams], tokenizer,
                          context_length, seed=_stream_seed(seed, stream, j), repeat=True)
              for j, (docs, _) in enumerate(mixture)]
     rows = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, weights)
-    stream_datasets.append(rows.batch(rows_per_stream))
-  # Equal weights interleave the streams round-robin: stream-major rows in every batch.
-  ds = stream_datasets[0] if local == 1 else grain.IterDataset.mix(stream_datasets)
-  ds = ds.batch(local, batch_fn=_concat_blocks)
+    stream_datasets[stream] = rows.batch(rows_per_stream)
   layout = {"streams": streams, "rows_per_stream": rows_per_stream, "seed": seed,
             "context_length": context_length, "weights": weights,
             "documents": [len(docs) for docs, _ in mixture]}
-  return _Resumable(ds.map(to_model_inputs), layout)
-
-
-def _concat_blocks(blocks: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  return {key: np.concatenate([b[key] for b in blocks]) for key in blocks[0]}
+  return StreamBatches(stream_datasets, layout)
 
 
 def _stack_padded(rows: Sequence[np.ndarray], length: int) -> np.ndarray:
@@ -179,6 +172,9 @@ def evaluation_batches(mixture: Sequence[tuple[Documents, float]], tokenizer: To
 
 
 def _tuples_for_slices(state):
+  """Grain's concat-then-split packer (0.2.x) marks unsliced features with the tuple
+  (-1, -1) and compares with `!=`; JSON, as checkpoints store states, turns it into a list,
+  and a restored packer would silently empty the document it was in the middle of."""
   if isinstance(state, dict):
     return {key: (_slices_as_tuples(value) if key == "remainder_slices"
                   else _tuples_for_slices(value)) for key, value in state.items()}
@@ -191,37 +187,40 @@ def _slices_as_tuples(slices: dict) -> dict:
   return {feature: tuple(bounds) for feature, bounds in slices.items()}
 
 
-class _Resumable(grain.IterDataset):
-  """Batches whose iterator state names the data layout and survives a JSON round trip.
+class StreamBatches(grain.IterDataset):
+  """This process's batches: the next block of rows of each of its streams, stream-major.
 
-  A state saved under another layout (batch size, seed, context length, sources) cannot
-  continue the same order, so restoring it is refused instead of silently mixing orders.
-  Grain's concat-then-split packer (0.2.x) marks unsliced features with the tuple (-1, -1)
-  and compares with `!=`; JSON, as checkpoints store states, turns it into a list, and a
-  restored packer would silently empty the document it was in the middle of. The iterator
-  turns those lists back.
+  The iterator state is `{"layout": ..., "streams": {global stream index: state}}`, so the
+  states saved by any number of processes can be merged and each process of a later run
+  (with another process count) takes its own streams' states. A state from another layout
+  (batch size, seed, context length, sources) cannot continue the same order and is refused
+  instead of silently changing it.
   """
 
-  def __init__(self, parent: grain.IterDataset, layout: dict):
-    super().__init__(parent)
+  def __init__(self, streams: dict[int, grain.IterDataset], layout: dict):
+    super().__init__(list(streams.values()))
+    self._streams = streams
     self._layout = json.loads(json.dumps(layout))  # as it reads back from a checkpoint
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _ResumableIterator(self._parent.__iter__(), self._layout)
+    return _StreamBatchesIterator({s: ds.__iter__() for s, ds in self._streams.items()},
+                                  self._layout)
 
 
-class _ResumableIterator(grain.DatasetIterator):
-  def __init__(self, parent: grain.DatasetIterator, layout: dict):
-    super().__init__(parent)
-    self._layout = layout
+class _StreamBatchesIterator(grain.DatasetIterator):
+  def __init__(self, streams: dict[int, grain.DatasetIterator], layout: dict):
+    super().__init__(list(streams.values()))
+    self._streams, self._layout = streams, layout
 
-  def __next__(self):
-    return next(self._parent)
+  def __next__(self) -> dict[str, np.ndarray]:
+    blocks = [next(iterator) for iterator in self._streams.values()]
+    return to_model_inputs({key: np.concatenate([b[key] for b in blocks]) for key in blocks[0]})
 
-  def get_state(self):
-    return {"layout": self._layout, "pipeline": self._parent.get_state()}
+  def get_state(self) -> dict:
+    return {"layout": self._layout,
+            "streams": {str(s): it.get_state() for s, it in self._streams.items()}}
 
-  def set_state(self, state):
+  def set_state(self, state: dict) -> None:
     saved = state.get("layout")
     if saved != self._layout:
       changed = sorted(k for k in self._layout if (saved or {}).get(k) != self._layout[k])
@@ -229,4 +228,10 @@ class _ResumableIterator(grain.DatasetIterator):
                       f"{', '.join(changed)}), so the batch order cannot resume; restore "
                       "train.batch_size, train.seed, model.context_length and the data "
                       "settings of the run, or start a new --workdir.")
-    self._parent.set_state(_tuples_for_slices(state["pipeline"]))
+    missing = [s for s in self._streams if str(s) not in state["streams"]]
+    if missing:
+      raise UserError(f"The saved data position has no state for stream {missing[0]}; the "
+                      "checkpoint lacks some processes' data files, so restore them or start "
+                      "a new --workdir.")
+    for stream, iterator in self._streams.items():
+      iterator.set_state(_tuples_for_slices(state["streams"][str(stream)]))
