@@ -132,6 +132,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if not value > 0:
       raise UserError(f"{name}={value} must be positive.")
   non_negative = ["train.warmup_steps", "train.eval_every", "train.checkpoint_every",
+                  "train.checkpoint_minutes",
                   "train.weight_decay", "train.grad_clip", "train.sample_tokens",
                   "train.sample_temperature", "train.min_lr_ratio", "train.seed"]
   for name in non_negative:
@@ -148,12 +149,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise UserError(f"model.num_kv_heads={m.num_kv_heads} does not divide "
                     f"model.num_heads={m.num_heads}; valid values are {_divisors(m.num_heads)}.")
   for name, valid in (("model.dtype", DTYPES), ("model.param_dtype", DTYPES),
-                      ("model.remat_policy", REMAT_POLICIES)):
+                      ("model.remat_policy", REMAT_POLICIES),
+                      ("train.on_nonfinite", ("stop", "skip"))):
     if _get(config, name) not in valid:
       raise UserError(f"{name}={_get(config, name)!r} is not one of {', '.join(valid)}.")
   if t.warmup_steps > t.steps:
     raise UserError(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}; "
                     "lower warmup_steps.")
+  if not all(isinstance(s, int) and s > 0 for s in t.keep_steps):
+    raise UserError(f"train.keep_steps={list(t.keep_steps)} must list positive step numbers, "
+                    "e.g. [1000,5000].")
   if t.min_lr_ratio > 1:
     raise UserError(f"train.min_lr_ratio={t.min_lr_ratio} must be at most 1.")
   if not 0 < config.data.val_fraction < 1:

@@ -1,16 +1,19 @@
 """The training loop: workdir checks, data, tokenizer, state, steps, metrics, checkpoints.
 
 The host stays out of the device's way: step N+1 is dispatched before step N's metrics are
-read, and metrics are only read on logging steps.
+read; only step N's non-finite flag is read every step (one step late), the other metrics
+on logging steps.
 """
 
 import json
 import math
 import pathlib
+import signal
 import sys
 import time
 
 import jax
+import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
@@ -45,10 +48,14 @@ def check_workdir(config, workdir: pathlib.Path) -> None:
   except (json.JSONDecodeError, TypeError):
     raise UserError(f"{saved} is not a readable config; move the workdir aside or pass a "
                     "new --workdir.") from None
+  _refuse_other_model(previous, config, str(workdir))
+
+
+def _refuse_other_model(previous, config, where: str) -> None:
   differences = [d for d in config_lib.model_differences(previous, config)
                  if d.split(":")[0].removeprefix("model.") not in _EXECUTION_ONLY_MODEL_KEYS]
   if differences:
-    raise UserError(f"{workdir} holds a different model ({'; '.join(differences)}); pass a new "
+    raise UserError(f"{where} holds a different model ({'; '.join(differences)}); pass a new "
                     "--workdir or restore the workdir's model settings.")
 
 
@@ -91,9 +98,76 @@ def evaluate(eval_step, params, batches) -> float:
   return loss_sum / max(count, 1.0)
 
 
+class _Requests:
+  """SIGTERM/SIGINT ask to stop after the current step; SIGUSR1 asks for a checkpoint."""
+
+  def __init__(self):
+    self.stop_signal: str | None = None
+    self.save = False
+    self._previous = {}
+
+  def __enter__(self):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    if signum == signal.SIGUSR1:
+      self.save = True
+    elif self.stop_signal and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C does not wait for the checkpoint
+    else:
+      self.stop_signal = signal.Signals(signum).name
+
+
+def _agreed(*flags: bool) -> tuple[bool, ...]:
+  """Process 0's flags on every process, so all of them save and stop at the same step."""
+  if jax.process_count() == 1:
+    return flags
+  return tuple(bool(f) for f in multihost_utils.broadcast_one_to_all(np.asarray(flags)))
+
+
+def restore_newest(checkpointer: Checkpointer, config, abstract_state, data_iterator):
+  """(state, step) of the newest checkpoint that restores, or (None, 0) if none does.
+
+  A checkpoint that fails to read (truncated or missing files, unreadable metadata) is
+  reported and moved to WORKDIR/damaged_checkpoints, never deleted, and the next older one
+  is tried. A checkpoint of another model or data layout is an error, not damage.
+  """
+  for step in reversed(checkpointer.steps()):
+    try:
+      meta = checkpointer.metadata(step)
+      _refuse_other_model(config_lib.from_json(meta["config"]), config,
+                          f"The checkpoint at step {step}")
+      return checkpointer.restore(step, abstract_state, data_iterator), step
+    except UserError:
+      raise
+    except Exception as e:  # any failure to read a checkpoint means it cannot be used
+      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      moved = checkpointer.set_aside(step) if is_primary() else None
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+      log(f"The checkpoint at step {step} is damaged ({reason}); moved it to {moved} and "
+          "trying the previous one")
+  return None, 0
+
+
 def train(config, workdir) -> dict:
-  """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
-  workdir = pathlib.Path(workdir)
+  """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics.
+
+  SIGTERM or SIGINT ends the run after the current step with a checkpoint (exit status 0);
+  SIGUSR1 writes a checkpoint and goes on.
+  """
+  with _Requests() as requests:
+    return _train(config, pathlib.Path(workdir), requests)
+
+
+def _train(config, workdir: pathlib.Path, requests: _Requests) -> dict:
   config_lib.validate(config, jax.device_count())
   check_workdir(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
@@ -111,33 +185,28 @@ def train(config, workdir) -> dict:
   tx = optimizer.make_optimizer(t)
   schedule = optimizer.learning_rate_schedule(t)
   train_step, eval_step = step_lib.compile_steps(model, tx, schedule, mesh, t.grad_accum_steps)
-  checkpointer = Checkpointer(workdir / "checkpoints", t.keep_checkpoints)
+  checkpointer = Checkpointer(workdir / "checkpoints", t.keep_checkpoints, t.keep_steps)
 
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   data_iterator = iter(pipeline.training_dataset(
       [(source.train, weight) for source, weight in mixture], tokenizer, m.context_length,
       t.batch_size, seed=t.seed, **process))
-  local_eval_batches = pipeline.evaluation_batches(
+  eval_batches = [sharding.global_batch(b, mesh) for b in pipeline.evaluation_batches(
       [(source.validation, weight) for source, weight in mixture], tokenizer, m.context_length,
-      t.batch_size, t.eval_tokens, **process)
-  eval_batches = [sharding.global_batch(b, mesh) for b in local_eval_batches]
+      t.batch_size, t.eval_tokens, **process)]
   scored = int(sum(float(b["weights"].sum()) for b in eval_batches))
   log(f"Evaluation: {len(eval_batches)} batches, {scored} scored validation tokens")
 
-  start_step = checkpointer.latest_step() or 0
-  if start_step:
-    log(f"Resuming from the checkpoint at step {start_step}")
-    try:
-      state = checkpointer.restore(
-          start_step, state_lib.abstract_with_shardings(model, tx, mesh), data_iterator)
-    except (ValueError, KeyError) as e:
-      raise UserError(f"The checkpoint at step {start_step} in {workdir} does not match this "
-                      f"model and data ({e}); pass a new --workdir.") from None
-  else:
+  state, start_step = restore_newest(checkpointer, config, state_lib.abstract_with_shardings(
+      model, tx, mesh), data_iterator)
+  if state is None:
     state = state_lib.init_state(model, tx, mesh, t.seed)
+  else:
+    log(f"Resumed from the checkpoint at step {start_step}")
+  config_json = config_lib.to_json(config)
   if is_primary():  # only now: a refused resume leaves the workdir as it was
     tmp = workdir / "config.json.tmp"
-    tmp.write_text(config_lib.to_json(config))
+    tmp.write_text(config_json)
     tmp.replace(workdir / "config.json")
 
   peak, peak_note = flops.peak_flops()
@@ -149,13 +218,14 @@ def train(config, workdir) -> dict:
   pending = None  # (step, device metrics) of a logging step, read one step late
   timer_start, timer_step = None, start_step
   summary = {}
+  eval_results = {}
 
   def flush(pending_row):
     nonlocal timer_start, timer_step
     step, device_metrics = pending_row
     values = jax.device_get(device_metrics)
     now = time.perf_counter()
-    row = {k: float(v) for k, v in values.items() if k != "tokens"}
+    row = {k: float(v) for k, v in values.items() if k not in ("tokens", "nonfinite")}
     if timer_start is not None and step > timer_step:
       tokens_per_sec = (step - timer_step) * tokens_per_step / (now - timer_start)
       row["tokens_per_sec"] = tokens_per_sec
@@ -170,33 +240,78 @@ def train(config, workdir) -> dict:
                          tok_s=f"{row.get('tokens_per_sec', 0):.0f}", refresh=False)
     return row
 
-  eval_results = {}
+  def check_finite(step, device_metrics):
+    if not bool(device_metrics["nonfinite"]):
+      return
+    skipped = int(device_metrics["skipped_steps"])
+    if t.on_nonfinite == "skip":
+      log(f"Step {step}: non-finite loss or gradients; its update was skipped ({skipped} "
+          "skipped so far)")
+      return
+    checkpointer.wait()
+    good = checkpointer.steps()
+    raise UserError(
+        f"Step {step} had a non-finite loss or gradient norm, so training stopped "
+        f"(train.on_nonfinite=stop); the last good state is the checkpoint at step "
+        f"{good[-1] if good else 'none'}. Lower train.learning_rate or set "
+        "--config.train.on_nonfinite=skip, and rerun to resume.")
+
+  last_save = time.monotonic()
+
+  def save(step):
+    nonlocal last_save
+    blocked = checkpointer.save(step, state, data_iterator, config_json,
+                                tokenizer.model_proto)
+    last_save = time.monotonic()
+    log(f"Checkpoint {step}: training blocked {blocked:.2f}s, writing in the background")
+
+  previous = None  # (step, metrics) of the step before, checked for non-finite values
+  done = start_step
   with sharding.activate(mesh):
-    for step in range(start_step, t.steps):
-      batch = sharding.global_batch(next(data_iterator), mesh)
-      state, metrics = train_step(state, batch)
-      done = step + 1
+    try:
+      for step in range(start_step, t.steps):
+        batch = sharding.global_batch(next(data_iterator), mesh)
+        state, metrics = train_step(state, batch)
+        done = step + 1
+        if previous is not None:
+          check_finite(*previous)
+        previous = (done, metrics)
+        if pending is not None:
+          summary.update(flush(pending))
+          pending = None
+        if timer_start is None:  # the first step includes compilation: time from its end
+          jax.block_until_ready(metrics)
+          timer_start, timer_step = time.perf_counter(), done
+        is_last = done == t.steps
+        if (t.eval_every and done % t.eval_every == 0) or is_last:
+          eval_results[done] = evaluate(eval_step, state.params, eval_batches)
+        if done % t.log_every == 0 or is_last or done in eval_results:
+          pending = (done, metrics)
+        minutes_due = bool(t.checkpoint_minutes) and (
+            time.monotonic() - last_save >= 60 * t.checkpoint_minutes)
+        stop, save_now = _agreed(requests.stop_signal is not None, requests.save or minutes_due)
+        if ((t.checkpoint_every and done % t.checkpoint_every == 0) or is_last or stop
+            or save_now):
+          check_finite(*previous)  # never save after a step that should have stopped the run
+          previous = None
+          save(done)
+          requests.save = False
+        progress.update(1)
+        if stop:
+          break
+      if previous is not None:
+        check_finite(*previous)
       if pending is not None:
         summary.update(flush(pending))
-        pending = None
-      if timer_start is None:  # the first step includes compilation: time from its end
-        jax.block_until_ready(metrics)
-        timer_start, timer_step = time.perf_counter(), done
-      is_last = done == t.steps
-      if (t.eval_every and done % t.eval_every == 0) or is_last:
-        eval_results[done] = evaluate(eval_step, state.params, eval_batches)
-      if done % t.log_every == 0 or is_last or done in eval_results:
-        pending = (done, metrics)
-      if (t.checkpoint_every and done % t.checkpoint_every == 0) or is_last:
-        checkpointer.save(done, state, data_iterator)
-      progress.update(1)
-    if pending is not None:
-      summary.update(flush(pending))
-    progress.close()
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
+    finally:  # also when stopping on a non-finite step: finish saves, keep the metrics
+      progress.close()
+      checkpointer.close()
+      writer.close()
 
+    if requests.stop_signal:
+      log(f"Stopped by {requests.stop_signal} after step {done}; the checkpoint is saved. "
+          "Run the same command again to resume.")
+      return summary
     if "val_loss" not in summary:  # nothing left to train: report the restored model
       summary["val_loss"] = evaluate(eval_step, state.params, eval_batches)
       summary["val_perplexity"] = math.exp(min(summary["val_loss"], 50.0))

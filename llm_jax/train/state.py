@@ -20,9 +20,10 @@ from llm_jax.model import Transformer
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array
+  step: jax.Array  # batches consumed
   params: dict
   opt_state: optax.OptState
+  skipped: jax.Array  # steps whose update was dropped for a non-finite loss or gradient
 
 
 def _boxed_params(model: Transformer, rng):
@@ -38,9 +39,12 @@ def state_logical_specs(model: Transformer, tx: optax.GradientTransformation):
   opt_state = jax.eval_shape(tx.init, params)
   opt_specs = optax.tree_map_params(
       tx, lambda _, spec: spec, opt_state, param_specs,
-      transform_non_params=lambda _: PartitionSpec(), is_leaf=lambda x: isinstance(x, PartitionSpec))
-  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state)
-  specs = TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs)
+      transform_non_params=lambda _: PartitionSpec(),
+      is_leaf=lambda x: isinstance(x, PartitionSpec))
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  abstract = TrainState(step=scalar, params=params, opt_state=opt_state, skipped=scalar)
+  specs = TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs,
+                     skipped=PartitionSpec())
   return abstract, specs
 
 
@@ -55,7 +59,8 @@ def init_state(model: Transformer, tx, mesh, seed: int) -> TrainState:
 
   def init(rng):
     params = nn.meta.unbox(_boxed_params(model, rng))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped=zero)
 
   with sharding.activate(mesh):
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))

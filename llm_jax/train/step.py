@@ -1,5 +1,8 @@
 """Pure train and eval steps, jitted with the state's and the batch's shardings.
 
+A step whose loss or gradient norm is NaN or infinite changes nothing but the step counter
+and the count of skipped steps.
+
 The loss is the mean next-token cross-entropy over tokens with weight 1 (real targets inside
 their own document), taken over the whole global batch: with gradient accumulation each
 microbatch's summed loss is divided by the global token count, so accumulating A
@@ -50,15 +53,25 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, grad_accum_step
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
     (loss, grads), _ = jax.lax.scan(accumulate, zeros, _microbatches(batch, grad_accum_steps))
 
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  # A non-finite step leaves parameters and optimizer state as they were; the loop then
+  # skips on or stops (train.on_nonfinite). The step counter still advances past the batch.
+  keep_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+  new_state = TrainState(step=state.step + 1, params=keep_finite(params, state.params),
+                         opt_state=keep_finite(opt_state, state.opt_state),
+                         skipped=state.skipped + (~finite).astype(jnp.int32))
   metrics = {
       "loss": loss,
-      "grad_norm": optax.tree.norm(grads),
+      "grad_norm": grad_norm,
       "learning_rate": schedule(state.step),
       "tokens": total_tokens,
+      "nonfinite": ~finite,
+      "skipped_steps": new_state.skipped,
   }
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return new_state, metrics
 
 
 def eval_step(params, batch, *, model):
