@@ -1,8 +1,10 @@
-"""Sampling text from the model.
+"""Text generation with a key/value cache: one jitted prefill, then a jitted decode loop.
 
-`sample` runs the training model's full forward pass over a fixed context-sized buffer for
-every new token, inside one jitted loop. It is exact and simple; it recomputes the prefix at
-each step, so it is meant for short samples (the end-of-run sample), not for serving.
+The model is the training model (`Transformer(..., decode=True)` caches keys and values);
+the next token is chosen by `llm_jax.sampling`. Prompts of different lengths are batched
+right-padded: each row's cache holds its own tokens at their positions, and its new tokens
+go to the positions after its own prompt. Called inside `sharding.activate(mesh)`, the
+activations and the cache take the same logical shardings as in training.
 """
 
 import functools
@@ -11,35 +13,67 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm_jax import sampling
+from llm_jax.errors import UserError
 from llm_jax.model import Transformer
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps"))
-def _sample_loop(params, buffer_1T, prompt_length, rng, temperature, *, model, steps):
-  def body(i, carry):
-    buffer_1T, rng = carry
-    position = prompt_length + i - 1
-    logits_V = model.apply({"params": params}, buffer_1T)[0, position].astype(jnp.float32)
-    rng, key = jax.random.split(rng)
-    sampled = jax.random.categorical(key, logits_V / jnp.maximum(temperature, 1e-6))
-    token = jnp.where(temperature > 0, sampled, jnp.argmax(logits_V))
-    return buffer_1T.at[0, position + 1].set(token.astype(buffer_1T.dtype)), rng
-  buffer_1T, _ = jax.lax.fori_loop(0, steps, body, (buffer_1T, rng))
-  return buffer_1T
+@functools.partial(jax.jit, static_argnames=("model", "steps", "top_k", "eos_id"))
+def _generate(params, prompt_BP, lengths_B, key, temperature, top_p, *, model, steps, top_k,
+              eos_id):
+  B, P = prompt_BP.shape
+  positions_BP = jnp.broadcast_to(jnp.arange(P), (B, P))
+  logits_BPV, cache = model.apply({"params": params}, prompt_BP, None, positions_BP,
+                                  decode=True, mutable=["cache"])
+  next_logits_BV = logits_BPV[jnp.arange(B), lengths_B - 1]
+
+  def keep_going(carry):
+    i, _, _, _, done_B, _ = carry
+    return (i < steps) & ~jnp.all(done_B)
+
+  def step(carry):
+    i, cache, logits_BV, key, done_B, out_BS = carry
+    key, draw = jax.random.split(key)
+    token_B = sampling.sample(draw, logits_BV, temperature, top_k, top_p).astype(jnp.int32)
+    token_B = jnp.where(done_B, eos_id, token_B)
+    out_BS = out_BS.at[:, i].set(token_B)
+    done_B = done_B | (token_B == eos_id)
+    logits_B1V, cache = model.apply({"params": params, **cache}, token_B[:, None], None,
+                                    (lengths_B + i)[:, None], decode=True, mutable=["cache"])
+    return i + 1, cache, logits_B1V[:, 0], key, done_B, out_BS
+
+  out_BS = jnp.full((B, steps), eos_id, jnp.int32)
+  carry = (0, cache, next_logits_BV, key, jnp.zeros((B,), bool), out_BS)
+  return jax.lax.while_loop(keep_going, step, carry)[-1]
 
 
-def sample(params, model: Transformer, prompt_ids: list[int], max_new_tokens: int,
-           temperature: float, seed: int, eos_id: int) -> list[int]:
-  """New token ids after `prompt_ids` (stopping before end-of-sequence).
+def generate(params, model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
+             eos_id: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+  """New token ids for each prompt, ending before end-of-sequence or at `max_new_tokens`.
 
-  A prompt that leaves no room in the context is truncated from the left.
+  Deterministic for a given seed. A prompt that leaves fewer than `max_new_tokens` positions
+  of the context is refused rather than truncated, so what the model sees is what was asked.
   """
   context = model.config.context_length
-  room = max(1, min(max_new_tokens, context - 1))
-  prompt_ids = list(prompt_ids)[-(context - room):]
-  buffer = np.zeros((1, context), np.int32)
-  buffer[0, :len(prompt_ids)] = prompt_ids
-  out = _sample_loop(params, jnp.asarray(buffer), len(prompt_ids), jax.random.key(seed),
-                     jnp.float32(temperature), model=model, steps=room)
-  new = np.asarray(out[0, len(prompt_ids):len(prompt_ids) + room]).tolist()
-  return new[:new.index(eos_id)] if eos_id in new else new
+  sampling.check_options(temperature, top_k, top_p, model.config.vocab_size)
+  if max_new_tokens < 1:
+    raise UserError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise UserError("A prompt is empty; give at least one token of text.")
+  longest = max(len(p) for p in prompts)
+  if longest + max_new_tokens > context:
+    raise UserError(f"A prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
+                    f"the context of {context} tokens; shorten the prompt or lower "
+                    "max_new_tokens.")
+  prompt_BP = np.zeros((len(prompts), longest), np.int32)
+  for row, ids in enumerate(prompts):
+    prompt_BP[row, :len(ids)] = ids
+  lengths_B = np.asarray([len(p) for p in prompts], np.int32)
+  out_BS = _generate(params, jnp.asarray(prompt_BP), jnp.asarray(lengths_B),
+                     jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p),
+                     model=model, steps=max_new_tokens, top_k=top_k or 0, eos_id=eos_id)
+  result = []
+  for row in np.asarray(out_BS).tolist():
+    result.append(row[:row.index(eos_id)] if eos_id in row else row)
+  return result

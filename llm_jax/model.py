@@ -106,10 +106,17 @@ def attention_mask(segment_ids_BT):
 
 
 class Attention(nn.Module):
+  """Grouped-query causal attention.
+
+  Training and scoring attend within the call's own tokens, masked by segment. Decoding
+  (`decode=True`) also writes each token's key and value into a per-row cache of
+  `context_length` slots at its position (the `cache` collection) and attends to every slot
+  up to that position; a row's slots below its current position always hold its own tokens.
+  """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT, decode: bool = False):
     c = self.config
     D, N, K, H = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
     residual_scale = 1.0 / (2 * c.num_layers)  # GPT-2: keep the residual stream's variance flat
@@ -128,19 +135,38 @@ class Attention(nn.Module):
     q_BTNH = apply_rotary(q_BTNH, positions_BT, c.rope_theta)
     k_BSKH = apply_rotary(k_BSKH, positions_BT, c.rope_theta)
 
+    if decode:
+      k_BSKH, v_BSKH = self._write_cache(k_BSKH, v_BSKH, positions_BT)
+      slots_S = jnp.arange(k_BSKH.shape[1])
+      mask_BTS = slots_S[None, None, :] <= positions_BT[:, :, None]
+    else:
+      mask_BTS = attention_mask(segment_ids_BT)
+
     B, T = x_BTD.shape[:2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
     scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32)
     scores_BKGTS = scores_BKGTS * H**-0.5
-    mask_B11TS = attention_mask(segment_ids_BT)[:, None, None]
-    scores_BKGTS = jnp.where(mask_B11TS, scores_BKGTS, jnp.finfo(jnp.float32).min)
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dtype)
     out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
     out_BTNH = out_BTKGH.reshape(B, T, N, H)
     out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "head_dim"))
     return project(out_BTNH, wo_NHD.astype(dtype), 2)
 
-
+  def _write_cache(self, k_BTKH, v_BTKH, positions_BT):
+    """Stores this call's keys/values at their positions; returns the whole cache."""
+    c = self.config
+    B = k_BTKH.shape[0]
+    shape = (B, c.context_length, c.num_kv_heads, c.head_dim)
+    axes = ("batch", "length", "kv_heads", "head_dim")
+    rows_B1 = jnp.arange(B)[:, None]
+    caches = []
+    for name, new_BTKH in (("key", k_BTKH), ("value", v_BTKH)):
+      cache = self.variable("cache", name, jnp.zeros, shape, k_BTKH.dtype)
+      cache.value = nn.with_logical_constraint(
+          cache.value.at[rows_B1, positions_BT].set(new_BTKH), axes)
+      caches.append(cache.value)
+    return caches
 class MLP(nn.Module):
   config: ModelConfig
 
@@ -163,9 +189,10 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT, decode: bool = False):
     h = Attention(self.config, name="attention")(
-        RMSNorm(self.config, name="attention_norm")(x_BTD), segment_ids_BT, positions_BT)
+        RMSNorm(self.config, name="attention_norm")(x_BTD), segment_ids_BT, positions_BT,
+        decode)
     x_BTD = x_BTD + h
     x_BTD = x_BTD + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x_BTD))
     return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed")), None
@@ -175,8 +202,12 @@ class Transformer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None):
-    """Logits [B, T, V] for next-token prediction at every position."""
+  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, decode: bool = False):
+    """Logits [B, T, V] for next-token prediction at every position.
+
+    With `decode=True` (apply with `mutable=["cache"]`), keys and values are also cached, and
+    attention covers every cached position up to each token's own (see `Attention`).
+    """
     c = self.config
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones_like(tokens_BT)
@@ -189,15 +220,17 @@ class Transformer(nn.Module):
 
     block = Block
     if c.remat_policy != "none":
-      block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
+      block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat_policy],
+                       prevent_cse=not c.scan_layers, static_argnums=(4,))
     if c.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
+      stack = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+                      split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BTD, _ = stack(c, name="layers")(x_BTD, segment_ids_BT, positions_BT)
+      x_BTD, _ = stack(c, name="layers")(x_BTD, segment_ids_BT, positions_BT, decode)
     else:
       for i in range(c.num_layers):
-        x_BTD, _ = block(c, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT)
+        x_BTD, _ = block(c, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT, decode)
 
     x_BTD = RMSNorm(c, name="final_norm")(x_BTD)
     if c.tie_embeddings:

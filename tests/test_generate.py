@@ -1,0 +1,151 @@
+"""KV-cache decoding against the full forward pass, and the samplers' defining properties."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax import sampling, sharding
+from llm_jax.errors import UserError
+from llm_jax.generate import generate
+from llm_jax.model import ModelConfig, Transformer
+from llm_jax.train import optimizer, state as state_lib
+
+from conftest import tiny_config
+
+EOS = 3
+
+
+def _model(*overrides):
+  return Transformer(ModelConfig.from_config(tiny_config(*overrides).model))
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  model = _model()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  return model, params
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_cached_decoding_equals_the_full_forward_pass(scan):
+  model = _model(f"model.scan_layers={scan}")
+  tokens_BT = jax.random.randint(jax.random.key(1), (2, 20), 4, 512)
+  params = model.init(jax.random.key(0), tokens_BT)["params"]
+  full_BTV = model.apply({"params": params}, tokens_BT)
+  prefill = 7
+  cached = jax.jit(lambda variables, tokens, positions: model.apply(
+      variables, tokens, None, positions, decode=True, mutable=["cache"]))
+  logits, variables = cached({"params": params}, tokens_BT[:, :prefill],
+                             jnp.broadcast_to(jnp.arange(prefill), (2, prefill)))
+  pieces = [logits]
+  for t in range(prefill, 20):
+    logits, variables = cached({"params": params, **variables}, tokens_BT[:, t:t + 1],
+                               jnp.full((2, 1), t))
+    pieces.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full_BTV, atol=1e-5, rtol=1e-5)
+
+
+def _greedy_without_cache(model, params, prompt, steps):
+  # Full forward passes over a context-sized buffer: causal, so the zeros after the last
+  # real token change nothing at its position.
+  forward = jax.jit(lambda p, buffer: model.apply({"params": p}, buffer))
+  buffer = np.zeros((1, model.config.context_length), np.int32)
+  buffer[0, :len(prompt)] = prompt
+  for t in range(len(prompt), len(prompt) + steps):
+    buffer[0, t] = int(jnp.argmax(forward(params, jnp.asarray(buffer))[0, t - 1]))
+  return buffer[0, len(prompt):len(prompt) + steps].tolist()
+
+
+def test_greedy_batch_of_different_lengths_equals_the_argmax_chain(model_and_params):
+  model, params = model_and_params
+  prompts = [[2, 17, 99, 240, 5], [2, 400], [2, 8, 9, 10, 11, 12, 13, 14]]
+  out = generate(params, model, prompts, 10, eos_id=-1)
+  for prompt, new in zip(prompts, out):
+    assert new == _greedy_without_cache(model, params, prompt, 10)
+
+
+def test_temperature_zero_is_greedy_whatever_the_filters(model_and_params):
+  model, params = model_and_params
+  prompts = [[2, 17, 99], [2, 400, 401, 402]]
+  greedy = generate(params, model, prompts, 8, eos_id=-1)
+  assert generate(params, model, prompts, 8, eos_id=-1, temperature=0.0, top_k=5, top_p=0.5,
+                  seed=7) == greedy
+
+
+def test_sampling_is_deterministic_per_seed_and_stops_at_eos(model_and_params):
+  model, params = model_and_params
+  prompts = [[2, 17, 99], [2, 400, 401, 402]]
+  a = generate(params, model, prompts, 12, eos_id=-1, temperature=1.5, seed=3)
+  assert a == generate(params, model, prompts, 12, eos_id=-1, temperature=1.5, seed=3)
+  assert a != generate(params, model, prompts, 12, eos_id=-1, temperature=1.5, seed=4)
+  first = a[0][0]  # make the first sampled token of row 0 the end of sequence
+  stopped = generate(params, model, prompts, 12, eos_id=first, temperature=1.5, seed=3)
+  assert stopped[0] == []
+  assert stopped[1] == a[1][:a[1].index(first)] if first in a[1] else stopped[1] == a[1]
+
+
+def test_generation_under_a_sharded_mesh_matches_one_device(model_and_params):
+  model, _ = model_and_params
+  config = tiny_config("mesh.fsdp=2", "mesh.tensor=4")
+  mesh = sharding.make_mesh(config.mesh)
+  state = state_lib.init_state(model, optimizer.make_optimizer(config.train), mesh, seed=5)
+  prompts = [[2, 5, 6], [2, 7], [2, 8, 9, 10], [2, 11]]
+  with sharding.activate(mesh):
+    sharded = generate(state.params, model, prompts, 6, eos_id=-1, temperature=0.8, seed=1)
+  local = jax.device_get(state.params)
+  assert sharded == generate(local, model, prompts, 6, eos_id=-1, temperature=0.8, seed=1)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(prompts=[[]]), "prompt is empty"),
+    (dict(prompts=[[2] * 30], max_new_tokens=5), "exceeds the context of 32"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=0), "top_k"), (dict(top_k=513), "top_k"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+])
+def test_bad_generation_options(model_and_params, kwargs, words):
+  model, params = model_and_params
+  args = {"prompts": [[2, 3]], "max_new_tokens": 4, **kwargs}
+  with pytest.raises(UserError, match=words):
+    generate(params, model, args.pop("prompts"), args.pop("max_new_tokens"), eos_id=EOS, **args)
+
+
+# --- samplers on their own -------------------------------------------------------------------
+
+def _draws(logits_V, n, **kwargs):
+  keys = jax.random.split(jax.random.key(0), n)
+  logits_NV = jnp.broadcast_to(logits_V, (n, logits_V.shape[-1]))
+  return np.asarray(jax.vmap(lambda k, l: sampling.sample(k, l, **kwargs))(keys, logits_NV))
+
+
+def test_top_k_never_leaves_the_k_most_likely():
+  logits = jax.random.normal(jax.random.key(1), (50,)) * 2
+  drawn = set(_draws(logits, 2000, temperature=2.0, top_k=5).tolist())
+  assert drawn <= set(np.argsort(-np.asarray(logits))[:5].tolist()) and len(drawn) > 1
+
+
+def test_top_p_never_leaves_the_smallest_set_reaching_p():
+  logits = jax.random.normal(jax.random.key(2), (50,)) * 2
+  p = 0.6
+  probs = np.asarray(jax.nn.softmax(logits))
+  order = np.argsort(-probs)
+  size = int(np.searchsorted(np.cumsum(probs[order]), p) + 1)  # smallest prefix with mass >= p
+  drawn = set(_draws(logits, 2000, temperature=1.0, top_p=p).tolist())
+  assert drawn <= set(order[:size].tolist()) and len(drawn) > 1
+
+
+def test_sampling_frequencies_match_the_distribution():
+  probs = np.array([0.5, 0.25, 0.15, 0.07, 0.03])
+  n = 20_000
+  counts = np.bincount(_draws(jnp.log(jnp.asarray(probs)), n, temperature=1.0), minlength=5)
+  chi_square = np.sum((counts - n * probs) ** 2 / (n * probs))
+  assert chi_square < 18.47  # the 0.999 quantile of chi-square with 4 degrees of freedom
+
+
+def test_temperature_sharpens_and_flattens():
+  logits = jnp.log(jnp.asarray([0.6, 0.3, 0.1]))
+  cold = np.bincount(_draws(logits, 4000, temperature=0.3), minlength=3) / 4000
+  hot = np.bincount(_draws(logits, 4000, temperature=3.0), minlength=3) / 4000
+  assert cold[0] > 0.85 and hot[0] < 0.5
