@@ -28,6 +28,11 @@ def tiny_config(*extra: str):
   return config_lib.load_config(None, [*TINY_OVERRIDES, *extra])
 
 
+def data_config(*overrides: str):
+  """The default `data` section with `KEY=VALUE` overrides of its keys."""
+  return config_lib.load_config(None, [f"data.{o}" for o in overrides]).data
+
+
 def stdlib_texts(count: int) -> list[str]:
   root = pathlib.Path(sysconfig.get_paths()["stdlib"])
   return [p.read_text(encoding="utf-8") for p in sorted(root.glob("*.py"))[:count]]

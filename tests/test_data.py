@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from llm_jax import cli
-from llm_jax import config as config_lib
 from llm_jax.data import pipeline, sources
 from llm_jax.errors import UserError
+
+from conftest import data_config
 
 
 def _pieces(rows):
@@ -42,9 +43,6 @@ def _documents_seen(batches, tokenizer):
           seen.add(int(match.group(1)))
   return seen
 
-
-def _data_config(*overrides):
-  return config_lib.load_config(None, [f"data.{o}" for o in overrides]).data
 
 
 def test_packing_loses_nothing_and_keeps_documents_apart(tokenizer):
@@ -152,7 +150,7 @@ def test_files_source_reads_text_and_jsonl_and_counts_what_it_skips(tmp_path):
   lines = [json.dumps({"body": "first record"}), "{not json", json.dumps({"title": "no body"}),
            "", json.dumps({"body": "  "}), json.dumps({"body": "second record \u00e9"})]
   (tmp_path / "records.jsonl").write_text("\n".join(lines) + "\n")
-  source = sources.open_source(f"files:{tmp_path}/*", _data_config(
+  source = sources.open_source(f"files:{tmp_path}/*", data_config(
       "text_key=body", "val_fraction=0.5"))
   texts = sorted(source.train[i] for i in range(len(source.train))) + sorted(
       source.validation[i] for i in range(len(source.validation)))
@@ -164,8 +162,8 @@ def test_files_source_reads_text_and_jsonl_and_counts_what_it_skips(tmp_path):
 
 
 def test_builtin_split_is_fixed_and_disjoint():
-  a = sources.open_source("builtin", _data_config())
-  b = sources.open_source("builtin", _data_config())
+  a = sources.open_source("builtin", data_config())
+  b = sources.open_source("builtin", data_config())
   val = [a.validation[i] for i in range(len(a.validation))]
   assert val == [b.validation[i] for i in range(len(b.validation))] and val
   assert len(a.train) > 50 * len(a.validation) / 2
@@ -191,7 +189,7 @@ def test_held_out_records_partition_the_split():
 ])
 def test_bad_sources(overrides, words):
   with pytest.raises(UserError, match=words):
-    sources.open_sources(_data_config(*overrides))
+    sources.open_sources(data_config(*overrides))
 
 
 def test_nothing_usable_says_what_was_skipped(tmp_path):
@@ -200,13 +198,13 @@ def test_nothing_usable_says_what_was_skipped(tmp_path):
   (tmp_path / "c.jsonl").write_text('{"txt": "wrong key"}\n')
   with pytest.raises(UserError, match=r"No usable text.*1 binary, 1 empty, 1 missing text key"
                                       r".*data.text_key='text'"):
-    sources.open_source(f"files:{tmp_path}/*", _data_config())
+    sources.open_source(f"files:{tmp_path}/*", data_config())
 
 
 def test_single_document_cannot_be_split(tmp_path):
   (tmp_path / "only.txt").write_text("a lonely document")
   with pytest.raises(UserError, match="single usable document"):
-    sources.open_source(f"files:{tmp_path}/*", _data_config())
+    sources.open_source(f"files:{tmp_path}/*", data_config())
 
 
 def test_evaluation_set_is_fixed_across_processes_and_batch_sizes(tokenizer):

@@ -5,13 +5,10 @@ import json
 import pytest
 
 from llm_jax import cli
-from llm_jax import config as config_lib
 from llm_jax.data import pipeline, sources, tfds_source
 from llm_jax.errors import UserError
 
-
-def _data_config(*overrides):
-  return config_lib.load_config(None, [f"data.{o}" for o in overrides]).data
+from conftest import data_config
 
 
 def _all(documents):
@@ -29,8 +26,8 @@ def prepared(text_corpus, tmp_path_factory):
 
 def test_prepared_dataset_round_trips_the_local_corpus(prepared, text_corpus):
   assert list((prepared / "local_text" / "1.0.0").glob("*.array_record*"))
-  files = sources.open_source(f"files:{text_corpus}/*.py", _data_config("val_fraction=0.2"))
-  tfds = sources.open_source("tfds:local_text", _data_config(f"tfds_data_dir={prepared}"))
+  files = sources.open_source(f"files:{text_corpus}/*.py", data_config("val_fraction=0.2"))
+  tfds = sources.open_source("tfds:local_text", data_config(f"tfds_data_dir={prepared}"))
   assert "validation from its 'validation' split" in tfds.description
   # TFDS shuffles records when it writes them; the documents are the same.
   assert sorted(_all(tfds.train)) == sorted(_all(files.train))
@@ -40,7 +37,7 @@ def test_prepared_dataset_round_trips_the_local_corpus(prepared, text_corpus):
 
 def test_tfds_source_feeds_the_pipeline(prepared, tokenizer):
   source = sources.open_source("tfds:local_text:train",
-                               _data_config(f"tfds_data_dir={prepared}"))
+                               data_config(f"tfds_data_dir={prepared}"))
   iterator = iter(pipeline.training_dataset([(source.train, 1.0)], tokenizer, 32, 8, seed=0))
   batch = next(iterator)
   assert batch["inputs"].shape == (8, 32) and batch["weights"].sum() > 0
@@ -48,10 +45,10 @@ def test_tfds_source_feeds_the_pipeline(prepared, tokenizer):
 
 def test_split_without_validation_holds_out_records(prepared):
   source = sources.open_source("tfds:local_text:validation",
-                               _data_config(f"tfds_data_dir={prepared}", "val_fraction=0.25"))
+                               data_config(f"tfds_data_dir={prepared}", "val_fraction=0.25"))
   # 'validation' is the training split here, and there is no other split to validate on.
   assert "every 4th record" in source.description
-  everything = _all(sources.open_source("tfds:local_text", _data_config(
+  everything = _all(sources.open_source("tfds:local_text", data_config(
       f"tfds_data_dir={prepared}")).validation)
   assert sorted(_all(source.train) + _all(source.validation)) == sorted(everything)
 
@@ -63,19 +60,19 @@ def test_split_without_validation_holds_out_records(prepared):
 ])
 def test_bad_tfds_specs(prepared, spec, words):
   with pytest.raises(UserError, match=words):
-    sources.open_source(spec, _data_config(f"tfds_data_dir={prepared}"))
+    sources.open_source(spec, data_config(f"tfds_data_dir={prepared}"))
 
 
 def test_wrong_text_key(prepared):
   with pytest.raises(UserError, match=r"no feature 'body'; its features are \['text'\]"):
-    sources.open_source("tfds:local_text", _data_config(f"tfds_data_dir={prepared}",
+    sources.open_source("tfds:local_text", data_config(f"tfds_data_dir={prepared}",
                                                         "text_key=body"))
 
 
 def test_data_dir_without_prepared_data(tmp_path):
   # lm1b is a dataset TFDS knows, but nothing is prepared in an empty directory.
   with pytest.raises(UserError, match="no prepared data"):
-    sources.open_source("tfds:lm1b", _data_config(f"tfds_data_dir={tmp_path}"))
+    sources.open_source("tfds:lm1b", data_config(f"tfds_data_dir={tmp_path}"))
 
 
 def test_prepare_refuses_to_overwrite_and_bad_names(prepared, text_corpus):
@@ -93,5 +90,5 @@ def test_prepare_from_jsonl(tmp_path):
   corpus = tfds_source.prepare(str(tmp_path / "*.jsonl"), "records", str(tmp_path / "out"),
                                "text", 0.2)
   assert corpus.skipped["not JSON"] == 1
-  source = sources.open_source("tfds:records", _data_config(f"tfds_data_dir={tmp_path / 'out'}"))
+  source = sources.open_source("tfds:records", data_config(f"tfds_data_dir={tmp_path / 'out'}"))
   assert len(source.train) + len(source.validation) == 30

@@ -89,7 +89,7 @@ def open_tfds(spec: str, data_dir: str, text_key: str, val_fraction: float) -> s
   if validation_split:
     return sources.Source(spec, train, documents(validation_split),
                           f"{description}, validation from its {validation_split!r} split")
-  every = max(2, round(1 / val_fraction)) if val_fraction > 0 else 2
+  every = max(2, round(1 / val_fraction))  # config validation keeps 0 < val_fraction < 1
   return sources.Source(spec, sources.HeldOut(train, every, held=False),
                         sources.HeldOut(train, every, held=True),
                         f"{description}, validation = every {every}th record")
