@@ -63,16 +63,27 @@ class _DataRestore(ocp.args.CheckpointArgs):
 
 
 class Checkpointer:
-  def __init__(self, directory: pathlib.Path, keep: int, keep_steps=()):
+  """The checkpoints of one run.
+
+  `read_only=True` (for inference) never writes, moves or deletes anything, and restores
+  parameters only (`restore_params`); training uses the default.
+  """
+
+  def __init__(self, directory: pathlib.Path, keep: int = 1, keep_steps=(),
+               read_only: bool = False):
     self.directory = pathlib.Path(directory).absolute()
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=keep),
         ocp.checkpoint_managers.CustomSteps(steps=list(keep_steps))])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
-                                           enable_async_checkpointing=True)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=not read_only)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": _DataHandler(),
+        # Both handlers read the same files; the PyTree one can restore a part of the state.
+        item_handlers={"state": (ocp.PyTreeCheckpointHandler() if read_only
+                                 else ocp.StandardCheckpointHandler()),
+                       "data": _DataHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
 
   def steps(self) -> list[int]:
@@ -105,6 +116,19 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=_DataRestore(data_iterator)))
     return restored.state
+
+  def restore_params(self, step: int, abstract_params):
+    """Only the parameters of the saved state (no optimizer state), e.g. for inference.
+
+    `abstract_params` holds ShapeDtypeStructs with the target shardings.
+    """
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item={"params": abstract_params},
+            restore_args={"params": ocp.checkpoint_utils.construct_restore_args(
+                abstract_params)},
+            partial_restore=True)))
+    return restored.state["params"]
 
   def set_aside(self, step: int) -> pathlib.Path:
     """Moves a damaged checkpoint out of the way (never deletes it); returns where to."""

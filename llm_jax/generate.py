@@ -1,12 +1,16 @@
 """Text generation with a key/value cache: one jitted prefill, then a jitted decode loop.
 
 The model is the training model (`Transformer(..., decode=True)` caches keys and values);
-the next token is chosen by `llm_jax.sampling`. Prompts of different lengths are batched
-right-padded: each row's cache holds its own tokens at their positions, and its new tokens
-go to the positions after its own prompt. Called inside `sharding.activate(mesh)`, the
-activations and the cache take the same logical shardings as in training.
+the next token is chosen by `llm_jax.sampling` (`generate`) or by beam search
+(`beam_search`). Prompts of different lengths are batched right-padded: each row's cache
+holds its own tokens at their positions, and its new tokens go to the positions after its
+own prompt. Called inside `sharding.activate(mesh)`, the activations and the cache take the
+same logical shardings as in training.
+
+Token ids in, token ids out: text, tokenizers and checkpoints are `llm_jax.run`'s business.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -18,14 +22,27 @@ from llm_jax.errors import UserError
 from llm_jax.model import Transformer
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps", "top_k", "eos_id"))
-def _generate(params, prompt_BP, lengths_B, key, temperature, top_p, *, model, steps, top_k,
-              eos_id):
+def _prefill(params, model: Transformer, prompt_BP, lengths_B):
+  """Caches the prompts' keys and values; returns (cache, each row's next-token logits)."""
   B, P = prompt_BP.shape
   positions_BP = jnp.broadcast_to(jnp.arange(P), (B, P))
   logits_BPV, cache = model.apply({"params": params}, prompt_BP, None, positions_BP,
                                   decode=True, mutable=["cache"])
-  next_logits_BV = logits_BPV[jnp.arange(B), lengths_B - 1]
+  return cache, logits_BPV[jnp.arange(B), lengths_B - 1]
+
+
+def _decode_one(params, model: Transformer, cache, token_B, positions_B):
+  """Feeds one token per row at its position; returns (next-token logits, updated cache)."""
+  logits_B1V, cache = model.apply({"params": params, **cache}, token_B[:, None], None,
+                                  positions_B[:, None], decode=True, mutable=["cache"])
+  return logits_B1V[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("model", "steps", "top_k", "eos_id"))
+def _generate(params, prompt_BP, lengths_B, key, temperature, top_p, *, model, steps, top_k,
+              eos_id):
+  B = prompt_BP.shape[0]
+  cache, next_logits_BV = _prefill(params, model, prompt_BP, lengths_B)
 
   def keep_going(carry):
     i, _, _, _, done_B, _ = carry
@@ -38,13 +55,41 @@ def _generate(params, prompt_BP, lengths_B, key, temperature, top_p, *, model, s
     token_B = jnp.where(done_B, eos_id, token_B)
     out_BS = out_BS.at[:, i].set(token_B)
     done_B = done_B | (token_B == eos_id)
-    logits_B1V, cache = model.apply({"params": params, **cache}, token_B[:, None], None,
-                                    (lengths_B + i)[:, None], decode=True, mutable=["cache"])
-    return i + 1, cache, logits_B1V[:, 0], key, done_B, out_BS
+    logits_BV, cache = _decode_one(params, model, cache, token_B, lengths_B + i)
+    return i + 1, cache, logits_BV, key, done_B, out_BS
 
   out_BS = jnp.full((B, steps), eos_id, jnp.int32)
   carry = (0, cache, next_logits_BV, key, jnp.zeros((B,), bool), out_BS)
   return jax.lax.while_loop(keep_going, step, carry)[-1]
+
+
+def _padded_prompts(model: Transformer, prompts: list[list[int]], max_new_tokens: int):
+  """Checks prompts against the context; returns right-padded [B, P] ids and lengths [B]."""
+  context = model.config.context_length
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise UserError("A prompt is empty; give at least one token of text.")
+  longest = max(len(p) for p in prompts)
+  if longest > context:
+    raise UserError(f"A prompt of {longest} tokens exceeds the context of {context} tokens; "
+                    "shorten the prompt.")
+  if longest + max_new_tokens > context:
+    raise UserError(f"A prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
+                    f"the context of {context} tokens; shorten the prompt or lower "
+                    "max_new_tokens.")
+  prompt_BP = np.zeros((len(prompts), longest), np.int32)
+  for row, ids in enumerate(prompts):
+    prompt_BP[row, :len(ids)] = ids
+  lengths_B = np.asarray([len(p) for p in prompts], np.int32)
+  return jnp.asarray(prompt_BP), jnp.asarray(lengths_B)
+
+
+def _check_max_new_tokens(max_new_tokens: int) -> None:
+  if max_new_tokens < 1:
+    raise UserError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+
+
+def _until_eos(ids: list[int], eos_id: int) -> list[int]:
+  return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
 def generate(params, model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
@@ -55,25 +100,123 @@ def generate(params, model: Transformer, prompts: list[list[int]], max_new_token
   Deterministic for a given seed. A prompt that leaves fewer than `max_new_tokens` positions
   of the context is refused rather than truncated, so what the model sees is what was asked.
   """
-  context = model.config.context_length
   sampling.check_options(temperature, top_k, top_p, model.config.vocab_size)
-  if max_new_tokens < 1:
-    raise UserError(f"max_new_tokens={max_new_tokens} must be at least 1.")
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise UserError("A prompt is empty; give at least one token of text.")
-  longest = max(len(p) for p in prompts)
-  if longest + max_new_tokens > context:
-    raise UserError(f"A prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
-                    f"the context of {context} tokens; shorten the prompt or lower "
-                    "max_new_tokens.")
-  prompt_BP = np.zeros((len(prompts), longest), np.int32)
-  for row, ids in enumerate(prompts):
-    prompt_BP[row, :len(ids)] = ids
-  lengths_B = np.asarray([len(p) for p in prompts], np.int32)
-  out_BS = _generate(params, jnp.asarray(prompt_BP), jnp.asarray(lengths_B),
-                     jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p),
+  _check_max_new_tokens(max_new_tokens)
+  prompt_BP, lengths_B = _padded_prompts(model, prompts, max_new_tokens)
+  out_BS = _generate(params, prompt_BP, lengths_B, jax.random.key(seed),
+                     jnp.float32(temperature), jnp.float32(top_p),
                      model=model, steps=max_new_tokens, top_k=top_k or 0, eos_id=eos_id)
-  result = []
-  for row in np.asarray(out_BS).tolist():
-    result.append(row[:row.index(eos_id)] if eos_id in row else row)
-  return result
+  return [_until_eos(row, eos_id) for row in np.asarray(out_BS).tolist()]
+
+
+# --- beam search -----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Hypothesis:
+  tokens: list[int]  # new tokens, without the end-of-sequence token
+  log_prob: float  # total log-probability of the new tokens (and of the end, if reached)
+  score: float  # log_prob / length ** length_penalty: what beams are ranked by
+
+
+def _length_normalised(log_prob, length, length_penalty):
+  return log_prob / jnp.maximum(length, 1).astype(jnp.float32) ** length_penalty
+
+
+def _reorder_rows(cache, rows_R):
+  # A cache leaf is [..., rows, slots, kv_heads, head_dim], with a leading layer axis when
+  # the layers are scanned.
+  return jax.tree.map(lambda x: jnp.take(x, rows_R, axis=x.ndim - 4), cache)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "steps", "beams", "eos_id"))
+def _beam_search(params, prompt_BP, lengths_B, length_penalty, *, model, steps, beams, eos_id):
+  B, W = prompt_BP.shape[0], beams
+  cache, logits_BV = _prefill(params, model, prompt_BP, lengths_B)
+  cache = _reorder_rows(cache, jnp.repeat(jnp.arange(B), W))  # row b*W + w is beam w of b
+  log_probs_BWV = jnp.repeat(jax.nn.log_softmax(logits_BV.astype(jnp.float32))[:, None], W, 1)
+  V = log_probs_BWV.shape[-1]
+  # Every beam starts as the same prompt: only beam 0 may extend it at first, so the first
+  # step picks W different tokens instead of W copies of the best one.
+  totals_BW = jnp.where(jnp.arange(W) == 0, 0.0, -jnp.inf)[None].repeat(B, 0)
+  # Once a beam has ended, its only continuation is "stay ended" at no cost.
+  stay_ended_V = jnp.where(jnp.arange(V) == eos_id, 0.0, -jnp.inf)
+
+  def keep_going(carry):
+    i, _, _, _, _, ended_BW, _ = carry
+    return (i < steps) & ~jnp.all(ended_BW)
+
+  def step(carry):
+    i, cache, log_probs_BWV, totals_BW, lengths_BW, ended_BW, out_BWS = carry
+    log_probs_BWV = jnp.where(ended_BW[..., None], stay_ended_V, log_probs_BWV)
+    candidates_BWV = totals_BW[..., None] + log_probs_BWV
+    candidate_lengths_BW = lengths_BW + (~ended_BW).astype(jnp.int32)
+    ranks_BWV = _length_normalised(candidates_BWV, candidate_lengths_BW[..., None],
+                                   length_penalty)
+    _, best_BW = jax.lax.top_k(ranks_BWV.reshape(B, W * V), W)
+    parent_BW, token_BW = best_BW // V, (best_BW % V).astype(jnp.int32)
+    totals_BW = jnp.take_along_axis(candidates_BWV.reshape(B, W * V), best_BW, axis=1)
+    lengths_BW = jnp.take_along_axis(candidate_lengths_BW, parent_BW, axis=1)
+    ended_BW = jnp.take_along_axis(ended_BW, parent_BW, axis=1) | (token_BW == eos_id)
+    out_BWS = jnp.take_along_axis(out_BWS, parent_BW[..., None], axis=1)
+    out_BWS = out_BWS.at[:, :, i].set(token_BW)
+    cache = _reorder_rows(cache, (jnp.arange(B)[:, None] * W + parent_BW).reshape(-1))
+    logits_RV, cache = _decode_one(params, model, cache, token_BW.reshape(-1),
+                                   jnp.repeat(lengths_B, W) + i)
+    log_probs_BWV = jax.nn.log_softmax(logits_RV.astype(jnp.float32)).reshape(B, W, V)
+    return i + 1, cache, log_probs_BWV, totals_BW, lengths_BW, ended_BW, out_BWS
+
+  out_BWS = jnp.full((B, W, steps), eos_id, jnp.int32)
+  carry = (0, cache, log_probs_BWV, totals_BW, jnp.zeros((B, W), jnp.int32),
+           jnp.zeros((B, W), bool), out_BWS)
+  _, _, _, totals_BW, lengths_BW, _, out_BWS = jax.lax.while_loop(keep_going, step, carry)
+  scores_BW = _length_normalised(totals_BW, lengths_BW, length_penalty)
+  order_BW = jnp.argsort(-scores_BW, axis=1)
+  pick = functools.partial(jnp.take_along_axis, indices=order_BW, axis=1)
+  return (jnp.take_along_axis(out_BWS, order_BW[..., None], axis=1), pick(totals_BW),
+          pick(scores_BW))
+
+
+def beam_search(params, model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
+                eos_id: int, beams: int, length_penalty: float = 1.0,
+                num_return: int = 1) -> list[list[Hypothesis]]:
+  """The `num_return` best of `beams` hypotheses for each prompt, best first.
+
+  Beams are ranked by total log-probability divided by length ** `length_penalty` (length
+  counts new tokens, the end-of-sequence token included): 0 ranks by total log-probability,
+  which favours short endings; larger values favour longer ones. A beam ends at
+  end-of-sequence or after `max_new_tokens`; the search stops when every beam has ended.
+  With `beams=1` this is greedy decoding.
+  """
+  if beams < 1:
+    raise UserError(f"--beams={beams} must be at least 1 (1 is greedy decoding).")
+  if beams > model.config.vocab_size:
+    raise UserError(f"--beams={beams} exceeds the vocabulary of {model.config.vocab_size} "
+                    "tokens; use fewer beams.")
+  if not 1 <= num_return <= beams:
+    raise UserError(f"Asked for {num_return} sequences per prompt from {beams} beams; ask for "
+                    "between 1 and the number of beams.")
+  if not length_penalty >= 0:
+    raise UserError(f"--length_penalty={length_penalty} must be 0 or positive.")
+  _check_max_new_tokens(max_new_tokens)
+  prompt_BP, lengths_B = _padded_prompts(model, prompts, max_new_tokens)
+  out_BWS, totals_BW, scores_BW = jax.device_get(_beam_search(
+      params, prompt_BP, lengths_B, jnp.float32(length_penalty), model=model,
+      steps=max_new_tokens, beams=beams, eos_id=eos_id))
+  return [[Hypothesis(_until_eos(out_BWS[b, w].tolist(), eos_id), float(totals_BW[b, w]),
+                      float(scores_BW[b, w])) for w in range(num_return)]
+          for b in range(len(prompts))]
+
+
+# --- the next-token distribution -------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _next_token_probs(params, prompt_BP, lengths_B, *, model):
+  logits_BPV = model.apply({"params": params}, prompt_BP)
+  last_BV = logits_BPV[jnp.arange(prompt_BP.shape[0]), lengths_B - 1]
+  return jax.nn.softmax(last_BV.astype(jnp.float32), axis=-1)
+
+
+def next_token_probs(params, model: Transformer, prompts: list[list[int]]) -> np.ndarray:
+  """[B, V] probabilities of the token after each prompt (one full forward pass)."""
+  prompt_BP, lengths_B = _padded_prompts(model, prompts, max_new_tokens=0)
+  return np.asarray(_next_token_probs(params, prompt_BP, lengths_B, model=model))

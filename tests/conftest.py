@@ -6,6 +6,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import hashlib  # noqa: E402
 import pathlib  # noqa: E402
 import sysconfig  # noqa: E402
 
@@ -31,6 +32,12 @@ def tiny_config(*extra: str):
 def data_config(*overrides: str):
   """The default `data` section with `KEY=VALUE` overrides of its keys."""
   return config_lib.load_config(None, [f"data.{o}" for o in overrides]).data
+
+
+def snapshot(directory: pathlib.Path) -> dict[str, str]:
+  """{relative path: sha256} of every file under `directory`, to show nothing changed."""
+  return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def stdlib_texts(count: int) -> list[str]:

@@ -7,7 +7,7 @@ import pytest
 
 from llm_jax import sampling, sharding
 from llm_jax.errors import UserError
-from llm_jax.generate import generate
+from llm_jax.generate import beam_search, generate, next_token_probs
 from llm_jax.model import ModelConfig, Transformer
 from llm_jax.train import optimizer, state as state_lib
 
@@ -110,6 +110,84 @@ def test_bad_generation_options(model_and_params, kwargs, words):
   args = {"prompts": [[2, 3]], "max_new_tokens": 4, **kwargs}
   with pytest.raises(UserError, match=words):
     generate(params, model, args.pop("prompts"), args.pop("max_new_tokens"), eos_id=EOS, **args)
+
+
+def _sequence_log_prob(model, params, prompt, new_tokens):
+  """Total log-probability of `new_tokens` after `prompt`, from one uncached forward pass."""
+  tokens = jnp.asarray([prompt + new_tokens])
+  log_probs = jax.nn.log_softmax(model.apply({"params": params}, tokens)[0], axis=-1)
+  return float(sum(log_probs[len(prompt) - 1 + i, t] for i, t in enumerate(new_tokens)))
+
+
+BEAM_PROMPTS = [[2, 17, 99, 240, 5], [2, 400], [2, 8, 9, 10, 11, 12, 13, 14], [2, 31, 7]]
+
+
+def test_beam_search_of_width_one_is_greedy(model_and_params):
+  model, params = model_and_params
+  greedy = generate(params, model, BEAM_PROMPTS, 9, eos_id=-1)
+  beams = beam_search(params, model, BEAM_PROMPTS, 9, eos_id=-1, beams=1)
+  assert [h[0].tokens for h in beams] == greedy
+
+
+def test_wider_beams_find_sequences_at_least_as_likely_as_greedy(model_and_params):
+  model, params = model_and_params
+  greedy = generate(params, model, BEAM_PROMPTS, 9, eos_id=-1)
+  # Every hypothesis has 9 tokens (no end token), so the length penalty ranks like the sum.
+  beams = beam_search(params, model, BEAM_PROMPTS, 9, eos_id=-1, beams=4, num_return=4)
+  better = 0
+  for prompt, greedy_tokens, hypotheses in zip(BEAM_PROMPTS, greedy, beams):
+    greedy_log_prob = _sequence_log_prob(model, params, prompt, greedy_tokens)
+    best = hypotheses[0]
+    assert best.log_prob >= greedy_log_prob - 1e-4
+    better += best.log_prob > greedy_log_prob + 1e-4
+    # Reported totals are the sequences' own log-probabilities, and they come best first.
+    for h in hypotheses:
+      assert len(h.tokens) == 9
+      np.testing.assert_allclose(h.log_prob, _sequence_log_prob(model, params, prompt, h.tokens),
+                                 atol=1e-3)
+    assert [h.score for h in hypotheses] == sorted((h.score for h in hypotheses), reverse=True)
+    assert len({tuple(h.tokens) for h in hypotheses}) == 4  # distinct beams, no copies
+  assert better > 0  # on these prompts the wider search does find something greedy misses
+
+
+def test_beam_search_ends_at_eos_and_the_length_penalty_decides_between_lengths(
+    model_and_params):
+  model, params = model_and_params
+  prompt = [[2, 17, 99]]
+  free = beam_search(params, model, prompt, 8, eos_id=-1, beams=3, num_return=3)[0]
+  eos = free[1].tokens[2]  # a token that a good beam emits third: make it the end token
+  for penalty in (0.0, 2.0):
+    hyps = beam_search(params, model, prompt, 8, eos_id=eos, beams=3, num_return=3,
+                       length_penalty=penalty)[0]
+    for h in hyps:
+      assert eos not in h.tokens
+      ended = len(h.tokens) < 8
+      full = h.tokens + ([eos] if ended else [])
+      np.testing.assert_allclose(h.log_prob, _sequence_log_prob(model, params, prompt[0], full),
+                                 atol=1e-3)
+      np.testing.assert_allclose(h.score, h.log_prob / len(full) ** penalty, rtol=1e-5)
+    assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+
+
+def test_next_token_probs_are_the_softmax_at_each_prompts_last_position(model_and_params):
+  model, params = model_and_params
+  prompts = [[2, 17, 99, 240], [2, 400]]
+  probs = next_token_probs(params, model, prompts)
+  for row, prompt in enumerate(prompts):
+    logits = model.apply({"params": params}, jnp.asarray([prompt]))[0, -1]
+    np.testing.assert_allclose(probs[row], jax.nn.softmax(logits), atol=1e-6)
+  np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(beams=0), "beams"), (dict(beams=600), "vocabulary"),
+    (dict(beams=2, num_return=3), "sequences per prompt"),
+    (dict(length_penalty=-1.0), "length_penalty"),
+])
+def test_bad_beam_options(model_and_params, kwargs, words):
+  model, params = model_and_params
+  with pytest.raises(UserError, match=words):
+    beam_search(params, model, [[2, 3]], 4, eos_id=EOS, **{"beams": 2, **kwargs})
 
 
 # --- samplers on their own -------------------------------------------------------------------

@@ -1,6 +1,5 @@
 """End to end through the training loop on a tiny model and a small files corpus."""
 
-import hashlib
 import json
 import math
 
@@ -10,16 +9,11 @@ from llm_jax import cli
 from llm_jax.errors import UserError
 from llm_jax.train.loop import train
 
-from conftest import tiny_config
+from conftest import snapshot, tiny_config
 
 
 def _rows(workdir):
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _snapshot(workdir):
-  return {p.relative_to(workdir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(workdir.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +64,11 @@ def test_resume_continues_without_duplicate_rows(trained, text_corpus):
 def test_incompatible_resume_is_refused_and_nothing_changes(trained, text_corpus, change,
                                                             words):
   _, workdir, _ = trained
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   other = tiny_config(f"data.source=files:{text_corpus}/*.py", change)
   with pytest.raises(UserError, match=words):
     train(other, workdir)
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
 
 
 def test_tokenizer_of_another_size_is_refused(trained, text_corpus, tmp_path):

@@ -33,11 +33,24 @@ from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import UserError
 
 
+def tokenize_document(tokenizer: Tokenizer, text: str) -> np.ndarray:
+  """`[bos] text [eos]` as int32 ids: how every document is seen in training and evaluation."""
+  return np.asarray([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id], np.int32)
+
+
 def _tokenize(tokenizer: Tokenizer):
   def fn(text: str) -> dict[str, np.ndarray]:
-    ids = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
-    return {"tokens": np.asarray(ids, dtype=np.int32)}
+    return {"tokens": tokenize_document(tokenizer, text)}
   return fn
+
+
+def document_rows(ids: np.ndarray, row_length: int) -> list[np.ndarray]:
+  """One document's ids cut into rows of at most `row_length` for scoring.
+
+  Consecutive rows overlap by one token, so every next-token pair is scored exactly once;
+  each row starts without the context of the rows before it.
+  """
+  return [ids[i:i + row_length] for i in range(0, len(ids) - 1, row_length - 1)]
 
 
 def to_model_inputs(row_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -113,8 +126,8 @@ def training_dataset(mixture: Sequence[tuple[Documents, float]], tokenizer: Toke
   return StreamBatches(stream_datasets, layout)
 
 
-def _stack_padded(rows: Sequence[np.ndarray], length: int) -> np.ndarray:
-  stacked = np.zeros((len(rows), length), dtype=np.int32)
+def _stack_padded(rows: Sequence[np.ndarray], length: int, num_rows: int) -> np.ndarray:
+  stacked = np.zeros((num_rows, length), dtype=np.int32)
   for i, row in enumerate(rows):
     stacked[i, :len(row)] = row
   return stacked
@@ -129,13 +142,8 @@ def _evaluation_rows(documents: Documents, tokenizer: Tokenizer, row_length: int
   fewer, each contributes at most `ceil(num_rows / len(documents))` rows before cycling.
   """
   cap = math.ceil(num_rows / len(documents))
-  per_document = []
-  for index in range(min(len(documents), num_rows)):
-    ids = np.asarray([tokenizer.bos_id, *tokenizer.encode(documents[index]),
-                      tokenizer.eos_id], np.int32)
-    # Consecutive rows overlap by one token, so every next-token pair is scored once.
-    starts = range(0, len(ids) - 1, row_length - 1)
-    per_document.append([ids[i:i + row_length] for i in starts][:cap])
+  per_document = [document_rows(tokenize_document(tokenizer, documents[index]), row_length)[:cap]
+                  for index in range(min(len(documents), num_rows))]
   order = [rows[i] for i in range(cap) for rows in per_document if i < len(rows)]
   return [order[i % len(order)] for i in range(num_rows)]
 
@@ -158,14 +166,25 @@ def evaluation_batches(mixture: Sequence[tuple[Documents, float]], tokenizer: To
              else round(num_rows * weight))
     if share > 0:
       rows += _evaluation_rows(docs, tokenizer, row_length, share)
-  num_batches = math.ceil(len(rows) / batch_size)
+  return scoring_batches(rows, row_length, batch_size, process_index, process_count)
+
+
+def scoring_batches(rows: Sequence[np.ndarray], row_length: int, batch_size: int,
+                    process_index: int = 0, process_count: int = 1
+                    ) -> list[dict[str, np.ndarray]]:
+  """This process's share of `rows` (one document piece each) as model-input batches.
+
+  Rows are right-padded to `row_length`, and the last batch is padded with empty rows; a
+  padded position has weight 0, so it never counts in a loss.
+  """
   local = batch_size // process_count
   batches = []
-  for b in range(num_batches):
+  for b in range(math.ceil(len(rows) / batch_size)):
     mine = rows[b * batch_size + process_index * local:][:local]
-    tokens = _stack_padded(mine, row_length)
-    filled = _stack_padded([np.ones(len(r), np.int32) for r in mine], row_length)
-    positions = _stack_padded([np.arange(len(r), dtype=np.int32) for r in mine], row_length)
+    tokens = _stack_padded(mine, row_length, local)
+    filled = _stack_padded([np.ones(len(r), np.int32) for r in mine], row_length, local)
+    positions = _stack_padded([np.arange(len(r), dtype=np.int32) for r in mine], row_length,
+                              local)
     batches.append(to_model_inputs({"tokens": tokens, "tokens_segment_ids": filled,
                                     "tokens_positions": positions}))
   return batches

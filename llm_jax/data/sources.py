@@ -204,6 +204,23 @@ def open_files(spec: str, text_key: str, val_fraction: float) -> Source:
   return _ensure_both_splits(source, indexer)
 
 
+def open_all_files(pattern: str, text_key: str) -> Documents:
+  """Every usable document of the files matching `pattern`, unsplit (e.g. to evaluate on)."""
+  root, files = _glob_files(pattern)
+  if not files:
+    raise UserError(f"{pattern!r} matches no files; check the glob (use ** with quotes for "
+                    "subdirectories).")
+  indexer = _FileIndexer(root, text_key, val_fraction=0.0)  # nothing hashes below 0
+  for path in sorted(files):
+    indexer.add_file(path)
+  documents = indexer.documents("train")
+  if not len(documents):
+    skipped = ", ".join(f"{n} {reason}" for reason, n in indexer.skipped.items() if n)
+    raise UserError(f"No usable text in the files matching {pattern!r} (skipped: {skipped}); "
+                    "point it at UTF-8 text.")
+  return documents
+
+
 def _ensure_both_splits(source: Source, indexer: _FileIndexer) -> Source:
   total = len(source.train) + len(source.validation)
   if total == 0:

@@ -48,6 +48,14 @@ def state_logical_specs(model: Transformer, tx: optax.GradientTransformation):
   return abstract, specs
 
 
+def abstract_params(model: Transformer, mesh):
+  """ShapeDtypeStructs of the parameters alone, with their shardings on `mesh`."""
+  boxed = jax.eval_shape(functools.partial(_boxed_params, model), jax.random.key(0))
+  shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.meta.unbox(boxed), shardings)
+
+
 def state_shardings(model, tx, mesh):
   abstract, specs = state_logical_specs(model, tx)
   return abstract, sharding.logical_to_sharding(specs, mesh)

@@ -16,17 +16,9 @@ import jax.numpy as jnp
 import optax
 
 from llm_jax import sharding
+from llm_jax.loss import summed_loss
 from llm_jax.model import Transformer
 from llm_jax.train.state import TrainState, state_shardings
-
-
-def summed_loss(params, model: Transformer, batch):
-  """(sum of per-token losses, number of weighted tokens) over `batch`."""
-  logits_BTV = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
-                           batch["positions"])
-  losses_BT = optax.softmax_cross_entropy_with_integer_labels(
-      logits_BTV.astype(jnp.float32), batch["targets"])
-  return jnp.sum(losses_BT * batch["weights"]), jnp.sum(batch["weights"])
 
 
 def _microbatches(batch, count: int):

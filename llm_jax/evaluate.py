@@ -1,0 +1,63 @@
+"""Scoring text: mean next-token loss, perplexity and bits per byte.
+
+Each document is scored as it is trained on, `[bos] text [eos]`: every next-token prediction
+counts once, the end of the document included. A document longer than the context is cut
+into rows that overlap by one token (`pipeline.document_rows`), each scored without the text
+before it. The loss is the training loss (`llm_jax.loss`), summed on the device and added up
+in float64 on the host.
+
+  loss           = sum of token losses (nats) / tokens scored
+  perplexity     = exp(loss)
+  bits per byte  = sum of token losses / ln 2 / UTF-8 bytes of the documents' text
+"""
+
+import functools
+import math
+from collections.abc import Iterable
+
+import jax
+
+from llm_jax import sharding
+from llm_jax.data import pipeline
+from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.errors import UserError
+from llm_jax.loss import summed_loss
+from llm_jax.model import Transformer
+
+
+def score_texts(params, model: Transformer, tokenizer: Tokenizer, texts: Iterable[str], *,
+                mesh, batch_size: int, max_tokens: int = 0) -> dict:
+  """Loss, perplexity and bits per byte of `texts`, with the counts they rest on.
+
+  `batch_size` rows go to the device at a time (it must divide over the mesh's batch axes).
+  With `max_tokens > 0`, whole documents are scored until at least that many tokens are.
+  """
+  row_length = model.config.context_length + 1
+  rows, num_bytes, num_documents, num_tokens = [], 0, 0, 0
+  for text in texts:
+    ids = pipeline.tokenize_document(tokenizer, text)
+    rows += pipeline.document_rows(ids, row_length)
+    num_bytes += len(text.encode("utf-8"))
+    num_documents += 1
+    num_tokens += len(ids) - 1
+    if max_tokens and num_tokens >= max_tokens:
+      break
+  if not num_tokens:
+    raise UserError("There is no text to evaluate; give files with at least one non-empty "
+                    "document.")
+  loss_fn = jax.jit(functools.partial(summed_loss, model=model))
+  loss_sum = count = 0.0
+  with sharding.activate(mesh):
+    for batch in pipeline.scoring_batches(rows, row_length, batch_size):
+      batch_loss, batch_count = loss_fn(params, batch=sharding.global_batch(batch, mesh))
+      loss_sum += float(batch_loss)
+      count += float(batch_count)
+  loss = loss_sum / count
+  return {
+      "loss": loss,
+      "perplexity": math.exp(loss),
+      "bits_per_byte": loss_sum / math.log(2) / max(num_bytes, 1),
+      "tokens": int(count),
+      "bytes": num_bytes,
+      "documents": num_documents,
+  }

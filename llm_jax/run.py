@@ -1,0 +1,236 @@
+"""A trained run, loaded for inference: generate text, read the next-token distribution, score.
+
+    from llm_jax.run import load_run
+    run = load_run("runs/default")              # newest readable checkpoint of the run
+    run.generate("def main():", max_new_tokens=64, temperature=0.8, top_p=0.95)
+    run.next_token_distribution("import ", top=5)
+    run.evaluate()                              # the run's validation split; or files="*.txt"
+
+Loading reads the newest checkpoint's config and tokenizer (both are saved inside every
+checkpoint) and restores only its parameters, sharded over a mesh of this machine's devices.
+It never writes to the run directory. Token-level work is in `llm_jax.generate` and
+`llm_jax.evaluate`; this module turns text into ids and back.
+"""
+
+import dataclasses
+import math
+import pathlib
+import sys
+from collections.abc import Iterator, Sequence
+
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from llm_jax import config as config_lib
+from llm_jax import evaluate as evaluate_lib
+from llm_jax import generate as generate_lib
+from llm_jax import sampling, sharding
+from llm_jax.checkpoint import Checkpointer
+from llm_jax.data import sources
+from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.errors import UserError
+from llm_jax.model import ModelConfig, Transformer
+from llm_jax.train import state as state_lib
+
+# New tokens when none are asked for: the rest of the context, but at most this many.
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class NextToken:
+  id: int
+  piece: str
+  probability: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Distribution:
+  """The most likely next tokens, and the probability mass of all the others."""
+  top: list[NextToken]
+  rest: float  # summed probability of every token not in `top`
+  rest_count: int  # how many tokens that is
+
+
+@dataclasses.dataclass
+class Run:
+  workdir: pathlib.Path
+  step: int  # the training step of the loaded checkpoint
+  config: ml_collections.ConfigDict
+  model: Transformer
+  params: dict
+  tokenizer: Tokenizer
+  mesh: Mesh
+
+  def encode_prompt(self, prompt: str) -> list[int]:
+    """A prompt as the model saw documents start: `[bos]` then the text's tokens."""
+    if not prompt:
+      raise UserError("The prompt is empty; give some text to continue.")
+    return [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
+
+  def generate(self, prompts: str | Sequence[str], max_new_tokens: int | None = None, *,
+               temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+               beams: int = 1, length_penalty: float = 1.0, num_samples: int = 1,
+               seed: int = 0, batch_size: int = 16) -> list[list[str]]:
+    """`num_samples` continuations of each prompt (a list per prompt), without the prompt.
+
+    `max_new_tokens=None` fills the rest of the context, up to DEFAULT_MAX_NEW_TOKENS.
+    Sampling (temperature > 0) draws `num_samples` independent continuations; beam search
+    (`beams > 1`, deterministic) returns its `num_samples` best beams. Prompts go to the
+    device `batch_size` rows at a time; the result is deterministic for a given seed and
+    batch size.
+    """
+    prompt_ids = [self.encode_prompt(p) for p in ([prompts] if isinstance(prompts, str)
+                                                  else prompts)]
+    if not prompt_ids:
+      raise UserError("No prompts were given; give at least one.")
+    if num_samples < 1:
+      raise UserError(f"--num_samples={num_samples} must be at least 1.")
+    if batch_size < 1:
+      raise UserError(f"--batch_size={batch_size} must be at least 1.")
+    sampling.check_options(temperature, top_k, top_p, self.model.config.vocab_size)
+    if max_new_tokens is None:
+      room = self.model.config.context_length - max(len(p) for p in prompt_ids)
+      max_new_tokens = max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
+    eos = self.tokenizer.eos_id
+    with sharding.activate(self.mesh):
+      if beams != 1:
+        if temperature > 0 or top_k is not None or top_p < 1:
+          raise UserError("Beam search is deterministic; drop --temperature, --top_k and "
+                          "--top_p, or use --beams 1 to sample.")
+        new_ids = []
+        for chunk in _chunks(prompt_ids, batch_size):
+          for hypotheses in generate_lib.beam_search(
+              self.params, self.model, chunk, max_new_tokens, eos_id=eos, beams=beams,
+              length_penalty=length_penalty, num_return=num_samples):
+            new_ids += [h.tokens for h in hypotheses]
+      else:
+        if num_samples > 1 and temperature == 0:
+          raise UserError(f"--num_samples={num_samples} with temperature 0 (greedy) would "
+                          "repeat one text; set --temperature above 0 or use --beams.")
+        rows = [ids for ids in prompt_ids for _ in range(num_samples)]
+        new_ids = []
+        for index, chunk in enumerate(_chunks(rows, batch_size)):
+          chunk_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+          new_ids += generate_lib.generate(
+              self.params, self.model, chunk, max_new_tokens, eos_id=eos,
+              temperature=temperature, top_k=top_k, top_p=top_p, seed=chunk_seed)
+    texts = [self.tokenizer.decode(ids) for ids in new_ids]
+    return [texts[i:i + num_samples] for i in range(0, len(texts), num_samples)]
+
+  def next_token_distribution(self, prompt: str, top: int = 10) -> Distribution:
+    """The `top` most likely tokens after `prompt`, and the mass of the rest."""
+    vocab = self.model.config.vocab_size
+    if not 1 <= top <= vocab:
+      raise UserError(f"--top={top} must be between 1 and the vocabulary size {vocab}.")
+    with sharding.activate(self.mesh):
+      probs_V = generate_lib.next_token_probs(self.params, self.model,
+                                              [self.encode_prompt(prompt)])[0]
+    probs_V = probs_V.astype(np.float64)
+    order = np.argsort(-probs_V, kind="stable")
+    shown = [NextToken(int(i), self.tokenizer.id_to_piece(int(i)), float(probs_V[i]))
+             for i in order[:top]]
+    return Distribution(shown, float(probs_V[order[top:]].sum()), vocab - top)
+
+  def evaluate(self, files: str | None = None, max_tokens: int = 0,
+               batch_size: int | None = None) -> dict:
+    """Loss, perplexity and bits per byte (see `llm_jax.evaluate`) with the counts behind them.
+
+    Scores the run's validation split, or every document of the files matching `files`.
+    `batch_size` (default: the run's) is rounded up to divide over the mesh.
+    """
+    if files:
+      documents = [sources.open_all_files(files, self.config.data.text_key)]
+    else:
+      documents = [source.validation for source, _ in sources.open_sources(self.config.data)]
+    data_parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    batch_size = batch_size or self.config.train.batch_size
+    if batch_size < 1:
+      raise UserError(f"--batch_size={batch_size} must be at least 1.")
+    if max_tokens < 0:
+      raise UserError(f"--max_tokens={max_tokens} must be 0 (everything) or positive.")
+    return evaluate_lib.score_texts(
+        self.params, self.model, self.tokenizer, _each_document(documents), mesh=self.mesh,
+        batch_size=math.ceil(batch_size / data_parallel) * data_parallel,
+        max_tokens=max_tokens)
+
+
+def plot_distribution(distribution: Distribution, prompt: str, path) -> None:
+  """Saves a bar chart of `distribution` (the top tokens and the rest) as a PNG."""
+  import matplotlib
+  matplotlib.use("Agg")  # files only; no display needed
+  import matplotlib.pyplot as plt
+
+  labels = [repr(t.piece) for t in distribution.top] + [
+      f"rest ({distribution.rest_count} tokens)"]
+  values = [t.probability for t in distribution.top] + [distribution.rest]
+  figure, axes = plt.subplots(figsize=(7, 0.35 * len(labels) + 1.2))
+  bars = axes.barh(range(len(labels)), values, color=["C0"] * len(distribution.top) + ["0.6"])
+  axes.bar_label(bars, labels=[f"{v:.3f}" for v in values], padding=2, fontsize=8)
+  axes.set_yticks(range(len(labels)), labels, fontsize=8)
+  axes.invert_yaxis()
+  axes.set_xlim(0, min(1.0, max(values) * 1.15 + 0.02))
+  axes.set_xlabel("probability of the next token")
+  shown = prompt if len(prompt) <= 60 else "…" + prompt[-59:]
+  axes.set_title(f"after {shown!r}", fontsize=9)
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+  for start in range(0, len(items), size):
+    yield items[start:start + size]
+
+
+def _each_document(collections: list[sources.Documents]) -> Iterator[str]:
+  for documents in collections:
+    for index in range(len(documents)):
+      yield documents[index]
+
+
+def _inference_mesh(config, mesh_overrides: Sequence[str]) -> Mesh:
+  """The run's own mesh if it fits this machine's devices, else every device on fsdp."""
+  for override in mesh_overrides:
+    if not override.removeprefix("config.").startswith("mesh."):
+      raise UserError(f"Only --config.mesh.* values can be changed when loading a run "
+                      f"(got {override!r}).")
+    config_lib.apply_override(config, override)
+  try:
+    return sharding.make_mesh(config.mesh)
+  except UserError:
+    if mesh_overrides:
+      raise
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    return sharding.make_mesh(config.mesh)
+
+
+def load_run(workdir, mesh_overrides: Sequence[str] = ()) -> Run:
+  """The newest readable checkpoint of the run in `workdir`, ready for inference.
+
+  A checkpoint that cannot be read is reported on stderr and the one before it is used;
+  nothing in the run directory is moved or written.
+  """
+  workdir = pathlib.Path(workdir)
+  directory = workdir / "checkpoints"
+  checkpointer = Checkpointer(directory, read_only=True) if directory.is_dir() else None
+  steps = checkpointer.steps() if checkpointer else []
+  if not steps:
+    raise UserError(f"{workdir} has no checkpoint; train one with `llm-jax train --workdir "
+                    f"{workdir}` or point --workdir at a run directory.")
+  for step in reversed(steps):
+    try:
+      meta = checkpointer.metadata(step)
+      config = config_lib.from_json(meta["config"])
+      mesh = _inference_mesh(config, mesh_overrides)
+      model = Transformer(ModelConfig.from_config(config.model))
+      params = checkpointer.restore_params(step, state_lib.abstract_params(model, mesh))
+      tokenizer = Tokenizer(meta["tokenizer"])
+      return Run(workdir, step, config, model, params, tokenizer, mesh)
+    except UserError:
+      raise
+    except Exception as e:  # any failure to read a checkpoint: fall back to the one before
+      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      print(f"The checkpoint at step {step} could not be read ({reason}); trying the one "
+            "before it", file=sys.stderr)
+  raise UserError(f"No checkpoint in {directory} could be read; see the messages above.")
