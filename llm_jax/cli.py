@@ -38,8 +38,11 @@ def _load_config(args, overrides):
 
 
 def _train(args, overrides) -> None:
+  from llm_jax import distributed
+  config = _load_config(args, overrides)
+  distributed.initialize(config.distributed)  # before anything else uses JAX
   from llm_jax.train.loop import train
-  train(_load_config(args, overrides), args.workdir)
+  train(config, args.workdir)
 
 
 def _no_overrides(overrides) -> None:
