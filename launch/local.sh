@@ -74,17 +74,23 @@ for ((i = 0; i < processes; i++)); do
 done
 tail -n +1 -f "$logdir/process_0.log" >&2 &
 tail_pid=$!
+trap 'kill "${pids[@]}" "$tail_pid" 2>/dev/null; exit 130' INT TERM
 
 status=0
-for ((left = processes; left > 0; left--)); do
-  wait -n "${pids[@]}" || status=$?
-  if [[ $status -ne 0 ]]; then
-    echo "launch/local.sh: a process exited with status $status; stopping the others" >&2
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    break
-  fi
+running=("${pids[@]}")
+while [[ ${#running[@]} -gt 0 && $status -eq 0 ]]; do
+  still=()
+  for pid in "${running[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then still+=("$pid"); else wait "$pid" || status=$?; fi
+  done
+  running=("${still[@]+"${still[@]}"}")
+  [[ ${#running[@]} -gt 0 && $status -eq 0 ]] && sleep 1
 done
-wait "${pids[@]}" 2>/dev/null || true
+if [[ $status -ne 0 ]]; then
+  echo "launch/local.sh: a process exited with status $status; stopping the others" >&2
+  for pid in "${running[@]+"${running[@]}"}"; do kill "$pid" 2>/dev/null || true; done
+  wait "${pids[@]}" 2>/dev/null || true
+fi
 kill "$tail_pid" 2>/dev/null || true
 if [[ $status -ne 0 ]]; then
   for ((i = 0; i < processes; i++)); do

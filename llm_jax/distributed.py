@@ -17,6 +17,9 @@ Where the processes learn about each other (the `distributed` config section):
 import glob
 import os
 import pathlib
+import socket
+import sys
+import time
 
 import jax
 
@@ -63,11 +66,41 @@ def _explicit_arguments(distributed_config) -> dict | None:
           "process_id": d.process_id}
 
 
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+  """Returns once `address` accepts TCP connections; UserError after `timeout` seconds.
+
+  JAX's runtime aborts the whole process when it cannot reach the coordinator, so the
+  address is tried here first, where a failure can still be one clear sentence.
+  """
+  host, _, port = address.rpartition(":")
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise UserError(f"Could not reach the coordinator at {address} within {timeout:g} s "
+                        f"({e.strerror or e}); start process 0 first and check that its host "
+                        "and port are reachable from here.") from None
+      time.sleep(0.5)
+
+
+def _check_port_free(address: str) -> None:
+  port = int(address.rpartition(":")[2])
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    try:
+      s.bind(("", port))
+    except OSError:
+      raise UserError(f"Port {port} of distributed.coordinator_address={address!r} is already "
+                      "in use on process 0's host; choose another port.") from None
+
+
 def initialize(distributed_config) -> None:
   """Joins the run's other processes, if there are any; call before any other JAX use.
 
-  Raises UserError for inconsistent settings and when the processes do not all reach the
-  coordinator within `distributed.initialization_timeout` seconds.
+  Raises UserError for inconsistent settings, a coordinator port already taken, or a
+  coordinator that does not answer within `distributed.initialization_timeout` seconds.
   """
   d = distributed_config
   if d.initialization_timeout < 1:
@@ -77,20 +110,21 @@ def initialize(distributed_config) -> None:
   cluster = detect_cluster()
   if explicit is None and cluster is None:
     return
-  if explicit is not None and explicit["num_processes"] == 1:
+  if (explicit is not None and explicit["num_processes"] == 1) or jax.distributed.is_initialized():
     return
-  if jax.distributed.is_initialized():
-    return
-  # Cross-process collectives on CPU devices go through Gloo over TCP (accelerators use
+  if explicit is not None:
+    address, rank, count = (explicit[k] for k in ("coordinator_address", "process_id",
+                                                   "num_processes"))
+    print(f"Process {rank} of {count}: joining the coordinator at {address} (waiting up to "
+          f"{d.initialization_timeout} s)", file=sys.stderr, flush=True)
+    if rank == 0:
+      _check_port_free(address)
+    else:
+      _wait_for_coordinator(address, d.initialization_timeout)
+  # Cross-process collectives between CPU devices go through Gloo over TCP (accelerators use
   # their own: NCCL on GPU, ICI/DCN on TPU); set it rather than rely on JAX's default.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  where = explicit["coordinator_address"] if explicit else f"the {cluster} coordinator"
-  try:
-    jax.distributed.initialize(**(explicit or {}),
-                               initialization_timeout=d.initialization_timeout)
-  except Exception as e:  # the runtime reports an unreachable peer as several error types
-    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    raise UserError(
-        f"Not all processes reached {where} within {d.initialization_timeout} s ({first_line}); "
-        "check that every process was started with the same coordinator address and process "
-        "count and that process 0's host and port are reachable.") from None
+  jax.distributed.initialize(**(explicit or {}), initialization_timeout=d.initialization_timeout)
+  print(f"Process {jax.process_index()} of {jax.process_count()} joined"
+        f"{f' through {cluster}' if explicit is None else ''}: {jax.local_device_count()} of "
+        f"{jax.device_count()} devices are local", file=sys.stderr, flush=True)
