@@ -40,6 +40,15 @@ def detect_cluster(environ=os.environ) -> str | None:
   return None
 
 
+def _slurm_devices(environ=os.environ) -> dict:
+  """All of the node's GPUs for a node's only task; JAX's default is GPU SLURM_LOCALID."""
+  tasks_per_node = environ.get("SLURM_STEP_TASKS_PER_NODE", "")
+  gpus = environ.get("SLURM_GPUS_ON_NODE", "")
+  if gpus.isdigit() and all(t.split("(")[0] == "1" for t in tasks_per_node.split(",")):
+    return {"local_device_ids": list(range(int(gpus)))}
+  return {}
+
+
 def _explicit_arguments(distributed_config) -> dict | None:
   """The explicitly configured coordinator, count and id; None when none is set."""
   d = distributed_config
@@ -124,7 +133,11 @@ def initialize(distributed_config) -> None:
   # Cross-process collectives between CPU devices go through Gloo over TCP (accelerators use
   # their own: NCCL on GPU, ICI/DCN on TPU); set it rather than rely on JAX's default.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(**(explicit or {}), initialization_timeout=d.initialization_timeout)
+  if explicit is not None:
+    arguments = explicit
+  else:
+    arguments = _slurm_devices() if cluster == "slurm" else {}
+  jax.distributed.initialize(**arguments, initialization_timeout=d.initialization_timeout)
   print(f"Process {jax.process_index()} of {jax.process_count()} joined"
         f"{f' through {cluster}' if explicit is None else ''}: {jax.local_device_count()} of "
         f"{jax.device_count()} devices are local", file=sys.stderr, flush=True)
