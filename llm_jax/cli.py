@@ -166,11 +166,14 @@ def _plan(args, overrides) -> None:
     command = [sys.executable, "-m", "llm_jax.cli", "plan", "--devices", str(args.devices),
                "--mfu", str(args.mfu), *(["--config", args.config] if args.config else []),
                *(["--hardware", args.hardware] if args.hardware else []),
-               *(["--json"] if args.json else []), *(f"--{o}" for o in overrides)]
+               *(["--json"] if args.json else []),
+               *(["--skip_xla_flops"] if args.skip_xla_flops else []),
+               *(f"--{o}" for o in overrides)]
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     raise SystemExit(subprocess.run(command, env=env, check=False).returncode)
   from llm_jax import plan
-  result = plan.plan(_load_config(args, overrides), args.devices, args.hardware, args.mfu)
+  result = plan.plan(_load_config(args, overrides), args.devices, args.hardware, args.mfu,
+                     xla_flops=not args.skip_xla_flops)
   print(json.dumps(result) if args.json else
         plan.format_table(result, args.config or "configs/base.py"))
 
@@ -244,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accelerator to check fit and speed against, e.g. h100, tpu-v5p")
   plan.add_argument("--mfu", type=float, default=0.4,
                     help="model FLOPs utilisation assumed for step time and tokens/s")
+  plan.add_argument("--skip_xla_flops", action="store_true",
+                    help="skip the two small extra compiles that count XLA's FLOPs")
   plan.add_argument("--json", action="store_true", help="print one JSON object")
   plan.set_defaults(handler=_plan)
   return parser

@@ -39,11 +39,19 @@ _BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.i
                  "positions": jnp.int32, "weights": jnp.float32}
 
 
-def model_param_count(config) -> int:
-  """Parameters of the model as built (abstractly, nothing allocated), for checking flops.py."""
+def model_param_counts(config) -> dict[str, int]:
+  """Total and non-embedding parameters of the model as built (abstractly, nothing allocated).
+
+  Counted from the parameter tree itself, independently of `flops.param_counts`'s formula,
+  so the two can check each other.
+  """
   model = Transformer(ModelConfig.from_config(config.model))
   abstract, _ = state_lib.state_logical_specs(model, optimizer.make_optimizer(config.train))
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract.params))
+  sizes = {name: sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(subtree))
+           for name, subtree in abstract.params.items()}
+  return {"params": sum(sizes.values()),
+          "params_non_embedding": sum(n for name, n in sizes.items()
+                                      if name not in ("embedding", "lm_head"))}
 
 
 def _compile_train_step(config, devices):
@@ -83,12 +91,13 @@ def _xla_flops_per_device(config, devices) -> float:
   return one + (config.model.num_layers - 1) * (two - one)
 
 
-def plan(config, num_devices: int, hardware_name: str | None = None,
-         target_mfu: float = 0.4) -> dict:
+def plan(config, num_devices: int, hardware_name: str | None = None, target_mfu: float = 0.4,
+         xla_flops: bool = True) -> dict:
   """Compiles `config`'s train step for `num_devices` devices; returns the plan as a dict.
 
   Uses the first `num_devices` of `jax.devices()`; fails with a UserError when there are
   fewer, when the mesh does not divide them, or for an unknown hardware name or bad MFU.
+  `xla_flops=False` skips the two extra compiles behind XLA's FLOP count.
   """
   accelerator = hardware.by_name(hardware_name) if hardware_name else None
   if not 0 < target_mfu <= 1:
@@ -107,7 +116,8 @@ def plan(config, num_devices: int, hardware_name: str | None = None,
   compile_seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   start = time.perf_counter()
-  xla_flops_per_step = _xla_flops_per_device(config, devices) * num_devices
+  xla_flops_per_step = (_xla_flops_per_device(config, devices) * num_devices if xla_flops
+                        else None)
   cost_seconds = time.perf_counter() - start
 
   counts = flops.param_counts(m)
@@ -120,11 +130,11 @@ def plan(config, num_devices: int, hardware_name: str | None = None,
       "mesh": config_lib.resolve_mesh_shape(config.mesh, num_devices),
       "params": counts["params"],
       "params_non_embedding": counts["params_non_embedding"],
-      "params_in_model": model_param_count(config),
+      "params_in_model": model_param_counts(config),
       "tokens_per_step": tokens_per_step,
       "flops_per_token": flops_per_token,
       "flops_per_step": flops_per_token * tokens_per_step,
-      "xla_flops_per_token": xla_flops_per_step / tokens_per_step,
+      "xla_flops_per_token": xla_flops_per_step and xla_flops_per_step / tokens_per_step,
       "xla_flops_per_step": xla_flops_per_step,
       "memory_per_device": {
           "arguments": memory.argument_size_in_bytes,
@@ -158,6 +168,12 @@ def _gb(n: float) -> str:
   return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
+def _xla_vs_formula(xla: float | None, formula: float) -> str:
+  if xla is None:
+    return "not counted"
+  return f"{xla:.4g}  ({xla / formula:.2f}x flops.py)"
+
+
 def format_table(result: dict, config_name: str) -> str:
   """The plan as an aligned two-column text table."""
   mesh = " x ".join(f"{axis} {size}" for axis, size in result["mesh"].items())
@@ -169,10 +185,11 @@ def format_table(result: dict, config_name: str) -> str:
       ("params_non_embedding", f"{result['params_non_embedding']:,}"),
       ("tokens per step", f"{result['tokens_per_step']:,}"),
       ("FLOPs per token (flops.py)", f"{result['flops_per_token']:.4g}"),
-      ("FLOPs per token (XLA)", f"{result['xla_flops_per_token']:.4g}  "
-       f"({result['xla_flops_per_token'] / result['flops_per_token']:.2f}x flops.py)"),
+      ("FLOPs per token (XLA)", _xla_vs_formula(result["xla_flops_per_token"],
+                                                 result["flops_per_token"])),
       ("FLOPs per step (flops.py)", f"{result['flops_per_step']:.4g}"),
-      ("FLOPs per step (XLA)", f"{result['xla_flops_per_step']:.4g}"),
+      ("FLOPs per step (XLA)", _xla_vs_formula(result["xla_flops_per_step"],
+                                                result["flops_per_step"])),
       ("memory/device: arguments", _gb(memory["arguments"])),
       ("memory/device: outputs", _gb(memory["outputs"]) +
        f"  ({_gb(memory['aliased'])} aliased to donated arguments)"),
