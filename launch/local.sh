@@ -38,7 +38,8 @@ train_args=("$@")
   || die "--devices_per_process='$devices_per_process' must be a positive integer."
 if [[ -z "$port" ]]; then
   # A port the kernel just handed out and released is free for the coordinator to bind.
-  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])')
 fi
 [[ "$port" =~ ^[0-9]+$ && "$port" -gt 0 && "$port" -lt 65536 ]] \
   || die "--port='$port' must be a TCP port number (1-65535)."

@@ -66,9 +66,11 @@ if [[ -z "$runtime_version" ]]; then
     v6e-*) runtime_version=v2-alpha-tpuv6e ;;
   esac
 fi
-(( ${#train_args[@]} > 0 )) || die "give the llm-jax train arguments after --, e.g. -- --config configs/llama.py:llama2-7b --workdir /mnt/runs/7b."
+(( ${#train_args[@]} > 0 )) || die "give the llm-jax train arguments after --, e.g." \
+  "-- --config configs/llama.py:llama2-7b --workdir /mnt/shared/7b."
 if [[ $dry_run -eq 0 ]] && ! command -v gcloud >/dev/null; then
-  die "gcloud is not on PATH; install the Google Cloud SDK (https://cloud.google.com/sdk) and run 'gcloud auth login'."
+  die "gcloud is not on PATH; install the Google Cloud SDK (https://cloud.google.com/sdk)" \
+    "and run 'gcloud auth login'."
 fi
 
 logdir="${logdir:-tpu_logs/$name}"

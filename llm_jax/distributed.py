@@ -98,6 +98,7 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
 def _check_port_free(address: str) -> None:
   port = int(address.rpartition(":")[2])
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds: TIME_WAIT is ok
     try:
       s.bind(("", port))
     except OSError:

@@ -87,3 +87,10 @@ def test_cluster_detection_reads_slurm_step_variables():
   assert distributed.detect_cluster(step) == "slurm"
   batch_script_only = {k: v for k, v in step.items() if k != "SLURM_STEP_NODELIST"}
   assert distributed.detect_cluster(batch_script_only) != "slurm"
+
+
+def test_one_slurm_task_per_node_drives_all_its_gpus():
+  per_node = {"SLURM_STEP_TASKS_PER_NODE": "1(x4)", "SLURM_GPUS_ON_NODE": "8"}
+  assert distributed._slurm_devices(per_node) == {"local_device_ids": list(range(8))}
+  per_gpu = {"SLURM_STEP_TASKS_PER_NODE": "8(x4)", "SLURM_GPUS_ON_NODE": "8"}
+  assert distributed._slurm_devices(per_gpu) == {}  # JAX's default: GPU SLURM_LOCALID
