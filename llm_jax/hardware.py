@@ -48,8 +48,8 @@ def by_device_kind(device_kind: str) -> Accelerator | None:
   """The accelerator whose device kind matches `device_kind`, or None for an unknown chip.
 
   An exact match wins ('TPU v5' is a v5p, 'TPU v5 lite' a v5e); otherwise the longest known
-  kind that `device_kind` starts with, so 'NVIDIA H100 80GB HBM3' and 'NVIDIA H100 PCIe' are
-  both an H100.
+  kind that `device_kind` starts with, so variants of a chip's name get the table's numbers
+  for that chip (those of its SXM / pod part).
   """
   kind = device_kind.strip().lower()
   for accelerator in ACCELERATORS.values():
