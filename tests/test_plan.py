@@ -109,3 +109,11 @@ def test_unknown_device_kind_has_no_peak():
   assert hardware.by_device_kind("Mystery Accelerator 9000") is None
   with pytest.raises(UserError, match="tpu-v6e"):
     hardware.by_name("tpu-v7")
+
+
+def test_mfu_peak_comes_from_the_hardware_table():
+  class TpuV5e:  # what jax.devices() returns on a v5e slice, as far as peak_flops looks
+    platform, device_kind = "tpu", "TPU v5 lite"
+  peak, note = flops.peak_flops([TpuV5e()] * 4)
+  assert peak == 4 * hardware.by_name("tpu-v5e").peak_flops
+  assert "TPU v5 lite" in note
