@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import pytest
 
 from llm_jax import cli, flops, hardware
@@ -33,14 +34,19 @@ def _small(*overrides):
 
 
 def test_plan_of_a_small_config_reports_counts_flops_and_memory():
-  config = _small("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+  mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.num_layers=3"]
+  config = _small(*mesh)
   result = plan.plan(config, 8, "h100", target_mfu=0.5)
   assert result["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
   assert result["params"] == result["params_in_model"]["params"] == flops.param_counts(
       config.model)["params"]
   tokens = config.train.batch_size * config.model.context_length
   assert result["flops_per_step"] == flops.flops_per_token(config.model) * tokens
-  # Without remat XLA's count of the compiled step lands near the 6N + attention formula.
+  # XLA counts a loop body once, so its count of the scanned layers is extrapolated from one
+  # and two unrolled layers: it must equal XLA's count of all three layers unrolled...
+  unrolled = plan._compile_train_step(_small(*mesh, "model.scan_layers=false"), jax.devices())
+  assert result["xla_flops_per_step"] == pytest.approx(8 * plan._cost_flops(unrolled), rel=1e-4)
+  # ...and, without remat, land near the 6N + attention formula.
   assert result["xla_flops_per_step"] == pytest.approx(result["flops_per_step"], rel=0.15)
   memory = result["memory_per_device"]
   assert memory["total"] >= memory["arguments"] > 0
@@ -117,3 +123,4 @@ def test_mfu_peak_comes_from_the_hardware_table():
   peak, note = flops.peak_flops([TpuV5e()] * 4)
   assert peak == 4 * hardware.by_name("tpu-v5e").peak_flops
   assert "TPU v5 lite" in note
+
