@@ -134,7 +134,8 @@ def plan(config, num_devices: int, hardware_name: str | None = None, target_mfu:
       "tokens_per_step": tokens_per_step,
       "flops_per_token": flops_per_token,
       "flops_per_step": flops_per_token * tokens_per_step,
-      "xla_flops_per_token": xla_flops_per_step and xla_flops_per_step / tokens_per_step,
+      "xla_flops_per_token": (None if xla_flops_per_step is None
+                              else xla_flops_per_step / tokens_per_step),
       "xla_flops_per_step": xla_flops_per_step,
       "memory_per_device": {
           "arguments": memory.argument_size_in_bytes,
