@@ -92,10 +92,17 @@ if [[ $dry_run -eq 0 ]]; then
     "$project/$zone: create it unless it exists, copy $repo, install, train on all workers," \
     "logs to $logdir$([[ $delete -eq 1 ]] && echo ', then delete the slice')." >&2
 fi
-if [[ $dry_run -eq 1 ]] || ! gcloud compute tpus tpu-vm describe "$name" "${where[@]}" \
-    >/dev/null 2>&1; then
+existing=""
+if [[ $dry_run -eq 0 ]]; then
+  existing=$(gcloud compute tpus tpu-vm describe "$name" "${where[@]}" \
+    --format='value(acceleratorType)' 2>/dev/null || true)
+fi
+if [[ -z "$existing" ]]; then
   run gcloud compute tpus tpu-vm create "$name" "${where[@]}" \
     --accelerator-type="$accelerator_type" --version="$runtime_version"
+elif [[ "${existing##*/}" != "$accelerator_type" ]]; then
+  die "the slice $name already exists as ${existing##*/}, not $accelerator_type; choose" \
+    "another --name or delete that slice."
 else
   echo "# reusing the existing slice $name" >&2
 fi
