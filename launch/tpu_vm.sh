@@ -74,7 +74,7 @@ if [[ $dry_run -eq 0 ]] && ! command -v gcloud >/dev/null; then
 fi
 
 logdir="${logdir:-tpu_logs/$name}"
-tarball="/tmp/llm-jax-$name.tar.gz"
+tarball="${TMPDIR:-/tmp}/llm-jax-$name.tar.gz"
 repo=$(cd "$(dirname "$0")/.." && pwd)
 where=(--zone="$zone" --project="$project")
 remote_setup="rm -rf ~/llm-jax && mkdir -p ~/llm-jax && tar -xzf ~/llm-jax.tar.gz -C ~/llm-jax \

@@ -1,7 +1,8 @@
 """Launch scripts: what --dry-run would run for a sample input, and clear refusals.
 
-No test here runs gcloud or srun: dry runs only print, and the refusals are checked with a
-PATH that holds neither, so a broken check could not start a real slice.
+No test here runs gcloud or srun: dry runs only print, and everything else runs with a PATH
+that holds neither (or only a fake gcloud that records its arguments), so a broken check
+could not start a real slice.
 """
 
 import pathlib
@@ -114,3 +115,42 @@ def test_local_bad_input_is_one_sentence(args, words):
   assert result.returncode == 2
   [line] = result.stderr.strip().splitlines()
   assert line.startswith("launch/local.sh: error:") and all(w in line for w in words), line
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path):
+  """A PATH whose only gcloud records its arguments (and knows one slice, if told)."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for tool in ("tar", "gzip", "dirname", "mkdir"):
+    (bin_dir / tool).symlink_to(subprocess.run(["/bin/bash", "-c", f"command -v {tool}"],
+                                               capture_output=True, text=True).stdout.strip())
+  gcloud = bin_dir / "gcloud"
+  gcloud.write_text('#!/bin/bash\necho "$*" >> "$GCLOUD_CALLS"\n'
+                    'if [[ "$*" == *"tpu-vm describe"* ]]; then\n'
+                    '  [[ -n "$EXISTING_TYPE" ]] && echo "$EXISTING_TYPE" && exit 0\n'
+                    '  exit 1\nfi\n')
+  gcloud.chmod(0o755)
+  calls = tmp_path / "gcloud_calls"
+  return {"PATH": str(bin_dir), "GCLOUD_CALLS": str(calls), "TMPDIR": str(tmp_path)}, calls
+
+
+def test_tpu_run_calls_gcloud_in_order_and_collects_each_workers_log(fake_gcloud, tmp_path):
+  env, calls = fake_gcloud
+  args = [*TPU_ARGS[:-1], "fake-slice-test", "--accelerator_type", "v5litepod-16",
+          "--logdir", str(tmp_path / "logs"), "--delete", *TRAIN_ARGS]
+  result = _run("tpu_vm.sh", *args, env=env)
+  assert result.returncode == 0, result.stderr
+  verbs = [" ".join(line.split()[2:4]) for line in calls.read_text().splitlines()]
+  assert verbs == ["tpu-vm describe", "tpu-vm create", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh",
+                   *["tpu-vm scp"] * 4, "tpu-vm delete"]
+  assert (tmp_path / "logs").is_dir() and (tmp_path / "llm-jax-fake-slice-test.tar.gz").is_file()
+
+
+def test_tpu_existing_slice_of_another_type_is_refused(fake_gcloud):
+  env, calls = fake_gcloud
+  result = _run("tpu_vm.sh", *TPU_ARGS, "--accelerator_type", "v4-32", *TRAIN_ARGS,
+                env={**env, "EXISTING_TYPE": "v4-8"})
+  assert result.returncode == 2
+  assert "already exists as v4-8, not v4-32" in result.stderr
+  assert [line.split()[3] for line in calls.read_text().splitlines()] == ["describe"]
