@@ -68,4 +68,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   x.fsdp = -1  # data parallel with sharded params and optimizer state (-1: remaining)
   x.tensor = 1  # tensor (model) parallel over heads, MLP and vocabulary (-1: remaining)
 
+  c.distributed = dd = ml_collections.ConfigDict()
+  dd.coordinator_address = ""  # HOST:PORT of process 0 ('': detect SLURM / TPU VM, or 1 process)
+  dd.num_processes = 0  # processes in the run, one per host or per GPU (0: detect)
+  dd.process_id = -1  # this process's rank in 0..num_processes-1 (-1: detect)
+  dd.initialization_timeout = 300  # seconds to wait for every process to reach the coordinator
+
   return c

@@ -5,8 +5,10 @@ Bad input raises `UserError`; it is printed as one line and the process exits wi
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
+import subprocess
 import sys
 
 from llm_jax.errors import UserError
@@ -36,8 +38,11 @@ def _load_config(args, overrides):
 
 
 def _train(args, overrides) -> None:
+  from llm_jax import distributed
+  config = _load_config(args, overrides)
+  distributed.initialize(config.distributed)  # before anything else uses JAX
   from llm_jax.train.loop import train
-  train(_load_config(args, overrides), args.workdir)
+  train(config, args.workdir)
 
 
 def _no_overrides(overrides) -> None:
@@ -226,6 +231,42 @@ def _add_workdir_argument(parser) -> None:
   parser.add_argument("--workdir", required=True, help="run directory of `llm-jax train`")
 
 
+def _use_fake_cpu_devices(count: int) -> bool:
+  """Makes JAX start with `count` fake CPU devices; False if JAX already started with fewer.
+
+  XLA reads the device count when JAX first initialises its backend, so this must run before
+  anything imports and uses JAX; the CLI imports it lazily for that reason.
+  """
+  if "jax" in sys.modules:
+    import jax
+    return jax.default_backend() == "cpu" and jax.device_count() >= count
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={count}"])
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  return True
+
+
+def _plan(args, overrides) -> None:
+  if args.devices < 1:
+    raise UserError(f"--devices={args.devices} must be at least 1.")
+  if not _use_fake_cpu_devices(args.devices):
+    # JAX is already running here with other devices: plan in a fresh process.
+    command = [sys.executable, "-m", "llm_jax.cli", "plan", "--devices", str(args.devices),
+               "--mfu", str(args.mfu), *(["--config", args.config] if args.config else []),
+               *(["--hardware", args.hardware] if args.hardware else []),
+               *(["--json"] if args.json else []),
+               *(["--skip_xla_flops"] if args.skip_xla_flops else []),
+               *(f"--{o}" for o in overrides)]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    raise SystemExit(subprocess.run(command, env=env, check=False).returncode)
+  from llm_jax import plan
+  result = plan.plan(_load_config(args, overrides), args.devices, args.hardware, args.mfu,
+                     xla_flops=not args.skip_xla_flops)
+  print(json.dumps(result) if args.json else
+        plan.format_table(result, args.config or "configs/base.py"))
+
+
 def _add_config_arguments(parser) -> None:
   parser.add_argument("--config", default=None,
                       help="config file PATH.py[:variant] (default: configs/base.py)")
@@ -341,6 +382,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="workdir of a run: also print how many times faster than it trains")
   bench.add_argument("--json", action="store_true", help="print one JSON object")
   bench.set_defaults(handler=_data_bench)
+  plan = commands.add_parser(
+      "plan", help="compile the train step for N fake devices: size, memory, FLOPs, speed",
+      description="Compile the real train step ahead of time for a mesh of N devices (fake "
+      "CPU devices, no parameters materialised) and print parameters, FLOPs, per-device memory, "
+      "fit and speed on a named accelerator.")
+  _add_config_arguments(plan)
+  plan.add_argument("--devices", type=int, required=True, help="devices of the target mesh")
+  plan.add_argument("--hardware", default=None,
+                    help="accelerator to check fit and speed against, e.g. h100, tpu-v5p")
+  plan.add_argument("--mfu", type=float, default=0.4,
+                    help="model FLOPs utilisation assumed for step time and tokens/s")
+  plan.add_argument("--skip_xla_flops", action="store_true",
+                    help="skip the two small extra compiles that count XLA's FLOPs")
+  plan.add_argument("--json", action="store_true", help="print one JSON object")
+  plan.set_defaults(handler=_plan)
   return parser
 
 

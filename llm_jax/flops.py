@@ -26,18 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 peak FLOP/s per chip, from vendors' datasheets (no sparsity).
-ACCELERATOR_PEAK_FLOPS = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "TPU v6e": 918e12,
-}
+from llm_jax import hardware
 
 
 def param_counts(model_config) -> dict[str, int]:
@@ -90,10 +79,11 @@ def peak_flops(devices=None) -> tuple[float, str]:
     # Fake CPU devices share the same cores, so the host's peak is the peak of them all.
     peak = measure_cpu_matmul_peak()
     return peak, f"measured float32 matmul peak of this CPU: {peak / 1e9:.1f} GFLOP/s"
-  for name, per_chip in ACCELERATOR_PEAK_FLOPS.items():
-    if name.lower() in kind.lower():
-      total = per_chip * len(devices)
-      return total, f"{len(devices)} x {kind} datasheet bf16 peak {per_chip / 1e12:.0f} TFLOP/s"
+  accelerator = hardware.by_device_kind(kind)
+  if accelerator is not None:
+    total = accelerator.peak_flops * len(devices)
+    return total, (f"{len(devices)} x {kind} datasheet bf16 peak "
+                   f"{accelerator.peak_flops / 1e12:.0f} TFLOP/s")
   return float("nan"), f"unknown peak for device kind {kind!r}; MFU not reported"
 
 

@@ -317,13 +317,14 @@ def _train(config, workdir: pathlib.Path, requests: _Requests) -> dict:
       summary["val_perplexity"] = math.exp(min(summary["val_loss"], 50.0))
     log(f"Final validation loss {summary['val_loss']:.4f}, perplexity "
         f"{summary['val_perplexity']:.2f} (ln vocab = {math.log(m.vocab_size):.2f})")
-    if t.sample_tokens and is_primary():
+    if t.sample_tokens:  # every process: the parameters span all of them
       prompt_ids = [tokenizer.bos_id, *tokenizer.encode(t.sample_prompt)]
       room = min(t.sample_tokens, m.context_length - len(prompt_ids))
       new_ids = generate.generate(
           state.params, model, [prompt_ids], room, eos_id=tokenizer.eos_id,
           temperature=t.sample_temperature, seed=t.seed)[0] if room > 0 else []
       summary["sample"] = t.sample_prompt + tokenizer.decode(new_ids)
-      print(f"--- sample (temperature {t.sample_temperature}) ---\n{summary['sample']}\n---",
-            flush=True)
+      if is_primary():
+        print(f"--- sample (temperature {t.sample_temperature}) ---\n{summary['sample']}\n---",
+              flush=True)
   return summary

@@ -1,0 +1,60 @@
+"""Known accelerators: datasheet dense bf16 peak FLOP/s and memory per chip.
+
+One table, used by MFU (`llm_jax.flops.peak_flops`, which finds the chip from JAX's
+`device_kind`) and by the planner (`llm-jax plan --hardware NAME`, which checks whether a
+config fits). Peaks are dense (no structured sparsity) bf16 tensor-core / MXU numbers of the
+SXM / pod parts; memory is the datasheet HBM per chip in GB (10^9 bytes), a little above
+what a program can use once the runtime has taken its share.
+"""
+
+import dataclasses
+
+from llm_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+  name: str  # what `--hardware` takes
+  peak_flops: float  # dense bf16 FLOP/s per chip
+  memory_bytes: int  # HBM per chip
+  device_kinds: tuple[str, ...]  # `jax.Device.device_kind` strings of this chip, lower case
+
+
+_GB = 10**9
+
+ACCELERATORS = {a.name: a for a in (
+    Accelerator("h100", 989e12, 80 * _GB, ("nvidia h100 80gb hbm3", "nvidia h100")),
+    Accelerator("h200", 989e12, 141 * _GB, ("nvidia h200",)),
+    Accelerator("a100-40gb", 312e12, 40 * _GB,
+                ("nvidia a100-sxm4-40gb", "nvidia a100-pcie-40gb")),
+    Accelerator("a100-80gb", 312e12, 80 * _GB,
+                ("nvidia a100-sxm4-80gb", "nvidia a100 80gb pcie")),
+    Accelerator("tpu-v4", 275e12, 32 * 2**30, ("tpu v4",)),
+    Accelerator("tpu-v5e", 197e12, 16 * 2**30, ("tpu v5 lite", "tpu v5e")),
+    Accelerator("tpu-v5p", 459e12, 95 * _GB, ("tpu v5", "tpu v5p")),
+    Accelerator("tpu-v6e", 918e12, 32 * 2**30, ("tpu v6 lite", "tpu v6e")),
+)}
+
+
+def by_name(name: str) -> Accelerator:
+  """The accelerator called `name` (case-insensitive); UserError listing the valid names."""
+  key = name.strip().lower()
+  if key not in ACCELERATORS:
+    raise UserError(f"Unknown hardware {name!r}; choose one of {', '.join(ACCELERATORS)}.")
+  return ACCELERATORS[key]
+
+
+def by_device_kind(device_kind: str) -> Accelerator | None:
+  """The accelerator whose device kind matches `device_kind`, or None for an unknown chip.
+
+  An exact match wins ('TPU v5' is a v5p, 'TPU v5 lite' a v5e); otherwise the longest known
+  kind that `device_kind` starts with, so variants of a chip's name get the table's numbers
+  for that chip (those of its SXM / pod part).
+  """
+  kind = device_kind.strip().lower()
+  for accelerator in ACCELERATORS.values():
+    if kind in accelerator.device_kinds:
+      return accelerator
+  prefixes = [(len(k), a) for a in ACCELERATORS.values() for k in a.device_kinds
+              if kind.startswith(k)]
+  return max(prefixes, key=lambda p: p[0])[1] if prefixes else None
