@@ -94,3 +94,15 @@ def test_one_slurm_task_per_node_drives_all_its_gpus():
   assert distributed._slurm_devices(per_node) == {"local_device_ids": list(range(8))}
   per_gpu = {"SLURM_STEP_TASKS_PER_NODE": "8(x4)", "SLURM_GPUS_ON_NODE": "8"}
   assert distributed._slurm_devices(per_gpu) == {}  # JAX's default: GPU SLURM_LOCALID
+
+
+def test_tpu_detection_needs_a_tpu_chip_not_just_a_google_pci_device(tmp_path):
+  def pci_device(name, vendor, device):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "vendor").write_text(vendor + "\n")
+    (tmp_path / name / "device").write_text(device + "\n")
+  pci_device("0000:00:04.0", "0x1ae0", "0x0042")  # a Google virtual NIC on any GCE VM
+  pci_device("0000:00:05.0", "0x10de", "0x2330")  # an NVIDIA H100
+  assert distributed.detect_cluster({}, tmp_path) is None
+  pci_device("0000:00:06.0", "0x1ae0", "0x0063")  # a TPU v5e chip
+  assert distributed.detect_cluster({}, tmp_path) == "tpu"
