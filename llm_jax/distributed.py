@@ -36,7 +36,8 @@ _TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", 
 def detect_cluster(environ=os.environ, pci_devices="/sys/bus/pci/devices") -> str | None:
   """'slurm' inside an srun step, 'tpu' on a Cloud TPU VM, else None (one process)."""
   if all(name in environ for name in _SLURM_STEP_VARIABLES):
-    return "slurm"
+    # A one-task step (e.g. an interactive srun shell) is a single process with all its GPUs.
+    return "slurm" if environ["SLURM_NTASKS"] != "1" else None
   for device in glob.glob(f"{pci_devices}/*"):
     vendor, device_id = (pathlib.Path(device, name) for name in ("vendor", "device"))
     if (vendor.is_file() and device_id.is_file()

@@ -87,6 +87,7 @@ def test_cluster_detection_reads_slurm_step_variables():
   assert distributed.detect_cluster(step) == "slurm"
   batch_script_only = {k: v for k, v in step.items() if k != "SLURM_STEP_NODELIST"}
   assert distributed.detect_cluster(batch_script_only) != "slurm"
+  assert distributed.detect_cluster({**step, "SLURM_NTASKS": "1"}) != "slurm"
 
 
 def test_one_slurm_task_per_node_drives_all_its_gpus():
