@@ -47,11 +47,12 @@ llm_jax="${LLM_JAX:-llm-jax}"
 if [[ $dry_run -eq 0 ]] && ! command -v "$llm_jax" >/dev/null; then
   die "'$llm_jax' is not on PATH; activate the environment where llm-jax is installed."
 fi
-logdir="${logdir:-$(mktemp -d "${TMPDIR:-/tmp}/llm-jax-local.XXXXXX")}"
 
+quoted_args=""
+(( ${#train_args[@]} == 0 )) || quoted_args=$(printf ' %q' "${train_args[@]}")
 process_command() {  # the environment and command of process $1
   echo "XLA_FLAGS=--xla_force_host_platform_device_count=$devices_per_process JAX_PLATFORMS=cpu" \
-    "$llm_jax train$(printf ' %q' "${train_args[@]}")" \
+    "$llm_jax train$quoted_args" \
     "--config.distributed.coordinator_address=localhost:$port" \
     "--config.distributed.num_processes=$processes --config.distributed.process_id=$1"
 }
@@ -61,6 +62,7 @@ if [[ $dry_run -eq 1 ]]; then
   exit 0
 fi
 for ((i = 0; i < processes; i++)); do echo "+ $(process_command "$i")" >&2; done
+logdir="${logdir:-$(mktemp -d "${TMPDIR:-/tmp}/llm-jax-local.XXXXXX")}"
 echo "Starting $processes processes x $devices_per_process CPU devices, coordinator" \
   "localhost:$port, logs in $logdir" >&2
 mkdir -p "$logdir"

@@ -27,15 +27,22 @@ from llm_jax.errors import UserError
 
 _SLURM_STEP_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
                          "SLURM_LOCALID")
-_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips appear on a TPU VM's PCI bus under Google's id
+# TPU chips on a TPU VM's PCI bus: Google's vendor id (which Google's virtual NICs share) and
+# the chips' device ids (v3, v4, v5p, v5e, v6e, 7x and one unnamed generation).
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
 
 
-def detect_cluster(environ=os.environ) -> str | None:
+def detect_cluster(environ=os.environ, pci_devices="/sys/bus/pci/devices") -> str | None:
   """'slurm' inside an srun step, 'tpu' on a Cloud TPU VM, else None (one process)."""
   if all(name in environ for name in _SLURM_STEP_VARIABLES):
-    return "slurm"
-  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-    if pathlib.Path(vendor).read_text().strip() == _GOOGLE_PCI_VENDOR:
+    # A one-task step (e.g. an interactive srun shell) is a single process with all its GPUs.
+    return "slurm" if environ["SLURM_NTASKS"] != "1" else None
+  for device in glob.glob(f"{pci_devices}/*"):
+    vendor, device_id = (pathlib.Path(device, name) for name in ("vendor", "device"))
+    if (vendor.is_file() and device_id.is_file()
+        and vendor.read_text().strip() == _GOOGLE_PCI_VENDOR
+        and device_id.read_text().strip() in _TPU_PCI_DEVICES):
       return "tpu"
   return None
 

@@ -87,6 +87,7 @@ def test_cluster_detection_reads_slurm_step_variables():
   assert distributed.detect_cluster(step) == "slurm"
   batch_script_only = {k: v for k, v in step.items() if k != "SLURM_STEP_NODELIST"}
   assert distributed.detect_cluster(batch_script_only) != "slurm"
+  assert distributed.detect_cluster({**step, "SLURM_NTASKS": "1"}) != "slurm"
 
 
 def test_one_slurm_task_per_node_drives_all_its_gpus():
@@ -94,3 +95,15 @@ def test_one_slurm_task_per_node_drives_all_its_gpus():
   assert distributed._slurm_devices(per_node) == {"local_device_ids": list(range(8))}
   per_gpu = {"SLURM_STEP_TASKS_PER_NODE": "8(x4)", "SLURM_GPUS_ON_NODE": "8"}
   assert distributed._slurm_devices(per_gpu) == {}  # JAX's default: GPU SLURM_LOCALID
+
+
+def test_tpu_detection_needs_a_tpu_chip_not_just_a_google_pci_device(tmp_path):
+  def pci_device(name, vendor, device):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "vendor").write_text(vendor + "\n")
+    (tmp_path / name / "device").write_text(device + "\n")
+  pci_device("0000:00:04.0", "0x1ae0", "0x0042")  # a Google virtual NIC on any GCE VM
+  pci_device("0000:00:05.0", "0x10de", "0x2330")  # an NVIDIA H100
+  assert distributed.detect_cluster({}, tmp_path) is None
+  pci_device("0000:00:06.0", "0x1ae0", "0x0063")  # a TPU v5e chip
+  assert distributed.detect_cluster({}, tmp_path) == "tpu"
