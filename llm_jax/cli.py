@@ -137,6 +137,55 @@ def _data_bench(args, overrides) -> None:
           f"tokens/s: the pipeline is {result['feed_ratio']:.0f}x faster")
 
 
+# --- sweeps and scaling laws (issue 7) -------------------------------------------------------
+
+
+def _sweep(args, overrides) -> None:
+  import jax
+  from llm_jax import sweep as sweep_lib
+  _no_overrides(overrides)
+  sweep = sweep_lib.load_sweep(args.sweep_file)
+  sweep_dir = pathlib.Path(args.sweep_dir or sweep_lib.default_sweep_dir(args.sweep_file))
+  members = sweep_lib.resolve(sweep, sweep_dir, jax.device_count(), args.only)
+  if args.print_commands:
+    command = sweep_lib.tokenizer_command(sweep, sweep_dir)
+    if command:
+      print(command)
+    for member in members:
+      print(sweep_lib.train_command(member, sweep.base))
+    return
+  print(sweep_lib.describe(members))
+  if args.dry_run:
+    return
+  rows = sweep_lib.run(sweep, members, sweep_dir)
+  failed = [row["name"] for row in rows if row["status"] == "failed"]
+  print(f"{sum(row['status'] == 'finished' for row in rows)}/{len(rows)} members finished; "
+        f"results in {sweep_dir / 'sweep.jsonl'}", file=sys.stderr)
+  if failed:
+    raise UserError(f"{len(failed)} sweep members failed ({', '.join(failed)}); see "
+                    f"{sweep_dir / 'sweep.jsonl'} for their errors.")
+
+
+def _add_sweep_parsers(commands) -> None:
+  sweep = commands.add_parser(
+      "sweep", help="train every member of a sweep file, one after another (resumable)",
+      description="Train the members of configs/sweeps/NAME.py in SWEEP_DIR/<member>; "
+                  "finished members are skipped, interrupted ones resume.")
+  sweep.add_argument("sweep_file", help="a sweep file defining get_sweep()")
+  sweep.add_argument("--sweep_dir", default=None,
+                     help="directory of the members' workdirs (default: runs/sweeps/NAME)")
+  sweep.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                     help="check every member and print their table; train nothing")
+  sweep.add_argument("--only", nargs="+", default=[], metavar="NAME",
+                     help="run only these members")
+  sweep.add_argument("--print-commands", "--print_commands", dest="print_commands",
+                     action="store_true",
+                     help="print one `llm-jax train` command per member instead of training")
+  sweep.set_defaults(handler=_sweep)
+
+# --- end of sweeps and scaling laws ----------------------------------------------------------
+
+
 def _add_config_arguments(parser) -> None:
   parser.add_argument("--config", default=None,
                       help="config file PATH.py[:variant] (default: configs/base.py)")
@@ -195,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="workdir of a run: also print how many times faster than it trains")
   bench.add_argument("--json", action="store_true", help="print one JSON object")
   bench.set_defaults(handler=_data_bench)
+  _add_sweep_parsers(commands)
   return parser
 
 

@@ -1,0 +1,57 @@
+"""IsoFLOP sweep on the built-in corpus, sized for about 45 minutes on a shared 2-core CPU.
+
+Three compute budgets, three times apart, each trained at five model sizes around the size
+that Chinchilla's 20 tokens per parameter would pick, so every IsoFLOP curve should have its
+minimum inside it. Sizes come from one ladder (about 2x parameters per rung); each budget takes
+five consecutive rungs, moving up with the budget as Hoffmann et al. (2022) did. Every member's
+steps follow from its budget (llm_jax.flops), and its cosine schedule spans those steps.
+
+  llm-jax sweep configs/sweeps/isoflop_cpu.py --dry-run     # the table of members
+  llm-jax sweep configs/sweeps/isoflop_cpu.py               # train (resumable)
+  llm-jax scaling fit runs/sweeps/isoflop_cpu --out experiments/scaling
+"""
+
+from llm_jax import sweep
+
+# (d_model, num_layers, num_heads, num_kv_heads, mlp_dim): head_dim 16, MLP ~2.7x d_model.
+LADDER = [
+    (32, 1, 2, 1, 96),
+    (32, 2, 2, 1, 96),
+    (48, 2, 4, 2, 128),
+    (64, 3, 4, 2, 176),
+    (96, 3, 6, 3, 256),
+    (128, 4, 8, 4, 352),
+    (160, 5, 10, 5, 432),
+]
+# (training FLOPs per member, first rung): the five rungs from there put ~20 tokens per
+# parameter (Chinchilla's optimum) near the middle rung of each budget.
+BUDGETS = [(4e11, 0), (1.2e12, 0), (3.6e12, 1)]
+SIZES_PER_BUDGET = 5
+
+
+def _sizes(rungs):
+  keys = ("model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
+          "model.mlp_dim")
+  return sweep.zipped(**{key: [rung[i] for rung in rungs] for i, key in enumerate(keys)})
+
+
+def get_sweep() -> sweep.Sweep:
+  members = []
+  for budget, first in BUDGETS:
+    members += sweep.product([{sweep.BUDGET_KEY: budget}],
+                             _sizes(LADDER[first:first + SIZES_PER_BUDGET]))
+  return sweep.Sweep(
+      members=sweep.named(members, "C{flops_budget:.1e}-d{d_model}-L{num_layers}"),
+      overrides={
+          "train.batch_size": 16,
+          "train.learning_rate": 3e-3,
+          "train.eval_every": 0,  # evaluate once, at the end
+          "train.eval_tokens": 32_768,
+          "train.log_every": 25,
+          "train.checkpoint_every": 0,  # at the end, and every 2 minutes for resuming
+          "train.checkpoint_minutes": 2.0,
+          "train.keep_checkpoints": 1,
+          "train.sample_tokens": 0,
+      },
+      warmup_fraction=0.05,
+  )
