@@ -1,8 +1,7 @@
 """IsoFLOP sweep on the built-in corpus, sized for about 45 minutes on a shared 2-core CPU.
 
-Three compute budgets, three times apart, each trained at five model sizes around the size
-that Chinchilla's 20 tokens per parameter would pick, so every IsoFLOP curve should have its
-minimum inside it. Sizes come from one ladder (about 2x parameters per rung); each budget takes
+Four compute budgets, three times apart, each trained at five to seven model sizes around
+the best size, so every IsoFLOP curve has its minimum inside it. Sizes come from one ladder (about 2x parameters per rung); each budget takes
 five consecutive rungs, moving up with the budget as Hoffmann et al. (2022) did. Every member's
 steps follow from its budget (llm_jax.flops), and its cosine schedule spans those steps.
 
@@ -15,6 +14,8 @@ from llm_jax import sweep
 
 # (d_model, num_layers, num_heads, num_kv_heads, mlp_dim): head_dim 16, MLP ~2.7x d_model.
 LADDER = [
+    (16, 1, 1, 1, 48),
+    (24, 1, 2, 1, 64),
     (32, 1, 2, 1, 96),
     (32, 2, 2, 1, 96),
     (48, 2, 4, 2, 128),
@@ -23,10 +24,11 @@ LADDER = [
     (128, 4, 8, 4, 352),
     (160, 5, 10, 5, 432),
 ]
-# (training FLOPs per member, first rung): the five rungs from there put ~20 tokens per
-# parameter (Chinchilla's optimum) near the middle rung of each budget.
-BUDGETS = [(4e11, 0), (1.2e12, 0), (3.6e12, 1)]
-SIZES_PER_BUDGET = 5
+# (training FLOPs per member, first rung, last rung). The first run of this file (budgets
+# 4e11..3.6e12 from rung 2) showed the optimum far above 20 tokens per parameter, at the
+# smallest rung for 4e11, so rungs 0-1 and the 1.3e11 budget were added; finished members
+# were skipped when the sweep was rerun.
+BUDGETS = [(4e11 / 3, 0, 4), (4e11, 0, 6), (1.2e12, 2, 6), (3.6e12, 3, 7)]
 
 
 def _sizes(rungs):
@@ -37,9 +39,8 @@ def _sizes(rungs):
 
 def get_sweep() -> sweep.Sweep:
   members = []
-  for budget, first in BUDGETS:
-    members += sweep.product([{sweep.BUDGET_KEY: budget}],
-                             _sizes(LADDER[first:first + SIZES_PER_BUDGET]))
+  for budget, first, last in BUDGETS:
+    members += sweep.product([{sweep.BUDGET_KEY: budget}], _sizes(LADDER[first:last + 1]))
   return sweep.Sweep(
       members=sweep.named(members, "C{flops_budget:.1e}-d{d_model}-L{num_layers}"),
       overrides={
