@@ -166,6 +166,16 @@ def _sweep(args, overrides) -> None:
                     f"{sweep_dir / 'sweep.jsonl'} for their errors.")
 
 
+def _scaling_fit(args, overrides) -> None:
+  from llm_jax import scaling
+  _no_overrides(overrides)
+  if args.draws < 1:
+    raise UserError(f"--draws={args.draws} must be at least 1.")
+  fits = scaling.fit_and_plot(args.sweep, args.out, args.draws, args.seed, args.loss,
+                              args.params, args.overwrite)
+  print(scaling.summary(fits))
+
+
 def _add_sweep_parsers(commands) -> None:
   sweep = commands.add_parser(
       "sweep", help="train every member of a sweep file, one after another (resumable)",
@@ -182,6 +192,22 @@ def _add_sweep_parsers(commands) -> None:
                      action="store_true",
                      help="print one `llm-jax train` command per member instead of training")
   sweep.set_defaults(handler=_sweep)
+
+  scaling = commands.add_parser("scaling", help="fit scaling laws to a sweep's results")
+  scaling_commands = scaling.add_subparsers(dest="scaling_command", required=True)
+  fit = scaling_commands.add_parser(
+      "fit", help="IsoFLOP and parametric fits with bootstrap intervals, and their plots",
+      description="Fit Chinchilla approaches 2 and 3 to SWEEP_DIR/sweep.jsonl; write "
+                  "scaling_fit.json, isoflop.png, optimal.png and parametric.png to --out.")
+  fit.add_argument("sweep", help="a sweep directory or its sweep.jsonl")
+  fit.add_argument("--out", required=True, help="directory for the fit JSON and plots")
+  fit.add_argument("--draws", type=int, default=200, help="bootstrap resamples")
+  fit.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+  fit.add_argument("--loss", default="val_loss", help="row field fitted: val_loss or train_loss")
+  fit.add_argument("--params", default="params",
+                   help="row field used as N: params or params_non_embedding")
+  fit.add_argument("--overwrite", action="store_true", help="replace existing fit outputs")
+  fit.set_defaults(handler=_scaling_fit)
 
 # --- end of sweeps and scaling laws ----------------------------------------------------------
 

@@ -330,3 +330,46 @@ def fit_and_plot(source, out_dir, draws: int = 200, seed: int = 0, loss_key: str
   plot(points, fits, out_dir)
   outputs[0].write_text(json.dumps(fits, indent=1) + "\n")
   return fits
+
+
+# Published compute-optimal exponents, quoted beside ours.
+PUBLISHED = {
+    "Chinchilla approach 2 (Hoffmann et al. 2022)": {"a": 0.49, "b": 0.51},
+    "Chinchilla approach 3 (Hoffmann et al. 2022)": {"a": 0.46, "b": 0.54},
+    "Kaplan et al. 2020": {"a": 0.73},
+}
+CHINCHILLA_TOKENS_PER_PARAM = 20
+
+
+def summary(fits: dict) -> str:
+  """A few lines for people: exponents with intervals, the parametric law, tokens per param."""
+  two, three, intervals = fits["approach2"], fits["approach3"], fits["bootstrap"]
+
+  def with_interval(approach, key, value):
+    low, high = intervals[approach].get(key, [float("nan")] * 2)
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+  lines = [
+      f"{fits['members']} members, {len(fits['budgets'])} budgets; 95% bootstrap intervals "
+      f"from {intervals['approach2']['draws']}/{intervals['requested_draws']} (approach 2) and "
+      f"{intervals['approach3']['draws']} (approach 3) resamples",
+      f"approach 2 (IsoFLOP): N_opt ∝ C^{with_interval('approach2', 'a', two['a'])}, "
+      f"D_opt ∝ C^{with_interval('approach2', 'b', two['b'])}",
+      f"approach 3 (parametric): L = {three['E']:.3f} + {three['A']:.4g}/N^{three['alpha']:.3f} "
+      f"+ {three['B']:.4g}/D^{three['beta']:.3f}",
+      f"  E {with_interval('approach3', 'E', three['E'])}, alpha "
+      f"{with_interval('approach3', 'alpha', three['alpha'])}, beta "
+      f"{with_interval('approach3', 'beta', three['beta'])}",
+      f"  implied a = beta/(alpha+beta) = {with_interval('approach3', 'a', three['a'])}, "
+      f"b = {with_interval('approach3', 'b', three['b'])}",
+  ]
+  for budget, ratio in two["tokens_per_param"].items():
+    profile = two["profiles"][budget]
+    lines.append(f"C = {float(budget):.3g}: N_opt {profile['n_opt']:,.0f}, D_opt "
+                 f"{profile['d_opt']:,.0f}, {ratio:.1f} tokens/parameter"
+                 f"{'' if profile['inside'] else ' (minimum outside the sizes trained)'}")
+  published = "; ".join(f"{name}: " + ", ".join(f"{k} ≈ {v}" for k, v in values.items())
+                        for name, values in PUBLISHED.items())
+  lines.append(f"published: {published}; Chinchilla ≈ {CHINCHILLA_TOKENS_PER_PARAM} "
+               "tokens/parameter")
+  return "\n".join(lines)
