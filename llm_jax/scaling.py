@@ -16,8 +16,9 @@ and ln L, with L-BFGS (scipy) started from the best points of a grid of starting
 C proportional to N D, the loss-optimal allocation is N_opt ∝ C^(beta / (alpha + beta)) and
 D_opt ∝ C^(alpha / (alpha + beta)).
 
-Bootstrap intervals resample members with replacement (within each budget for approach 2)
-and refit; intervals are the 2.5 and 97.5 percentiles of the refits.
+Bootstrap intervals refit resampled data: approach 2 resamples residuals within each budget
+(the sizes are a fixed design), approach 3 resamples members; intervals are the 2.5 and 97.5
+percentiles of the refits.
 """
 
 import dataclasses
@@ -94,7 +95,11 @@ def load_points(source, loss_key: str = "val_loss", params_key: str = "params") 
 
 
 def fit_profile(params, tokens, loss) -> dict | None:
-  """One budget's parabola in ln N; None if it has no minimum (fewer than 3 sizes, or c2 <= 0)."""
+  """One budget's parabola in ln N.
+
+  None without a usable minimum: fewer than 3 sizes, a concave fit, or a vertex further
+  outside the trained sizes than their own span (in ln N).
+  """
   ln_n = np.log(params)
   if len(np.unique(ln_n)) < 3:
     return None
@@ -102,6 +107,9 @@ def fit_profile(params, tokens, loss) -> dict | None:
   if c2 <= 0:
     return None
   ln_n_opt = -c1 / (2 * c2)
+  width = ln_n.max() - ln_n.min()
+  if not ln_n.min() - width <= ln_n_opt <= ln_n.max() + width:
+    return None  # a vertex this far outside the sizes trained is no estimate of N_opt
   slope, intercept = np.polyfit(ln_n, np.log(tokens), 1)
   return {"coefficients": [float(c2), float(c1), float(c0)],
           "n_opt": float(math.exp(ln_n_opt)),
@@ -202,17 +210,28 @@ def bootstrap(points: Points, draws: int = 200, seed: int = 0, parametric_starts
               parametric: dict | None = None) -> dict:
   """95% percentile intervals of a, b (approach 2) and E, alpha, beta, a, b (approach 3).
 
-  Approach 2 resamples members within each budget, so every draw keeps every budget; draws
-  in which fewer than two budgets keep a parabola with a minimum are dropped and counted.
+  Approach 2 keeps the design (the sizes trained at each budget) and resamples each budget's
+  residuals from its parabola, scaled by sqrt(n / (n - 3)) to undo the shrinkage of a
+  3-parameter fit; draws in which fewer than two budgets keep a minimum are dropped and
+  counted. Approach 3 resamples whole members with replacement.
   """
   rng = np.random.default_rng(seed)
   groups = [np.flatnonzero(points.budget == c) for c in np.unique(points.budget)]
+  fitted, residuals = points.loss.copy(), np.zeros_like(points.loss)
+  for group in groups:
+    if len(np.unique(points.params[group])) > 3:
+      ln_n = np.log(points.params[group])
+      fitted[group] = np.polyval(np.polyfit(ln_n, points.loss[group], 2), ln_n)
+      residuals[group] = (points.loss[group] - fitted[group]) * math.sqrt(
+          len(group) / (len(group) - 3))
   samples = {"approach2": {"a": [], "b": []},
              "approach3": {"E": [], "alpha": [], "beta": [], "a": [], "b": []}}
   extra = [parametric["theta"]] if parametric else []
   for _ in range(draws):
-    within = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
-    fit2 = isoflop_fit(points.take(within))
+    loss = fitted.copy()
+    for group in groups:
+      loss[group] += rng.choice(residuals[group], size=len(group), replace=True)
+    fit2 = isoflop_fit(dataclasses.replace(points, loss=loss))
     if fit2 is not None:
       for key in samples["approach2"]:
         samples["approach2"][key].append(fit2[key])
