@@ -82,6 +82,16 @@ def product(*groups: list[dict]) -> list[dict]:
   return members
 
 
+MODEL_SHAPE_KEYS = ("model.d_model", "model.num_layers", "model.num_heads",
+                    "model.num_kv_heads", "model.mlp_dim")
+
+
+def model_shapes(shapes: Iterable[tuple]) -> list[dict]:
+  """Model sizes from (d_model, num_layers, num_heads, num_kv_heads, mlp_dim) tuples."""
+  shapes = list(shapes)
+  return zipped(**{key: [shape[i] for shape in shapes] for i, key in enumerate(MODEL_SHAPE_KEYS)})
+
+
 def default_name(overrides: dict) -> str:
   """A workdir-safe name from the overrides' leaf keys and values, e.g. `d_model=64-lr=0.003`."""
   parts = []

@@ -1,13 +1,14 @@
 """IsoFLOP sweep on the built-in corpus, sized for about 45 minutes on a shared 2-core CPU.
 
 Four compute budgets, three times apart, each trained at five to seven model sizes around
-the best size, so every IsoFLOP curve has its minimum inside it. Sizes come from one ladder (about 2x parameters per rung); each budget takes
-five consecutive rungs, moving up with the budget as Hoffmann et al. (2022) did. Every member's
-steps follow from its budget (llm_jax.flops), and its cosine schedule spans those steps.
+the best size, so every IsoFLOP curve has its minimum inside it. Sizes come from one ladder
+(about 1.5-2x parameters per rung); each budget takes consecutive rungs, moving up with the
+budget as Hoffmann et al. (2022) did. Every member's steps follow from its budget
+(llm_jax.flops), and its cosine schedule spans those steps.
 
   llm-jax sweep configs/sweeps/isoflop_cpu.py --dry-run     # the table of members
   llm-jax sweep configs/sweeps/isoflop_cpu.py               # train (resumable)
-  llm-jax scaling fit runs/sweeps/isoflop_cpu --out experiments/scaling
+  llm-jax scaling fit runs/sweeps/isoflop_cpu --out experiments/scaling --overwrite
 """
 
 from llm_jax import sweep
@@ -31,16 +32,11 @@ LADDER = [
 BUDGETS = [(4e11 / 3, 0, 4), (4e11, 0, 6), (1.2e12, 2, 6), (3.6e12, 3, 7)]
 
 
-def _sizes(rungs):
-  keys = ("model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
-          "model.mlp_dim")
-  return sweep.zipped(**{key: [rung[i] for rung in rungs] for i, key in enumerate(keys)})
-
-
 def get_sweep() -> sweep.Sweep:
   members = []
   for budget, first, last in BUDGETS:
-    members += sweep.product([{sweep.BUDGET_KEY: budget}], _sizes(LADDER[first:last + 1]))
+    members += sweep.product([{sweep.BUDGET_KEY: budget}],
+                             sweep.model_shapes(LADDER[first:last + 1]))
   return sweep.Sweep(
       members=sweep.named(members, "C{flops_budget:.1e}-d{d_model}-L{num_layers}"),
       overrides={

@@ -29,16 +29,11 @@ LADDER = [
 BUDGETS = [(1e15, 0, 4), (3e15, 1, 5), (1e16, 2, 6), (3e16, 3, 7)]
 
 
-def _sizes(rungs):
-  keys = ("model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
-          "model.mlp_dim")
-  return sweep.zipped(**{key: [rung[i] for rung in rungs] for i, key in enumerate(keys)})
-
-
 def get_sweep() -> sweep.Sweep:
   members = []
   for budget, first, last in BUDGETS:
-    members += sweep.product([{sweep.BUDGET_KEY: budget}], _sizes(LADDER[first:last + 1]))
+    members += sweep.product([{sweep.BUDGET_KEY: budget}],
+                             sweep.model_shapes(LADDER[first:last + 1]))
   return sweep.Sweep(
       members=sweep.named(members, "C{flops_budget:.1e}-d{d_model}-L{num_layers}"),
       overrides={
