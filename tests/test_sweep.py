@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import shlex
 import signal
 import textwrap
@@ -28,6 +29,9 @@ def test_zipped_pairs_values_and_product_merges_groups():
   members = sweep.product(sweep.grid(lr=[1e-3, 3e-3]), sizes)
   assert len(members) == 4
   assert members[1] == {"lr": 1e-3, "model.d_model": 128, "model.num_layers": 4}
+  assert sweep.model_shapes([(64, 2, 4, 2, 128)]) == [
+      {"model.d_model": 64, "model.num_layers": 2, "model.num_heads": 4,
+       "model.num_kv_heads": 2, "model.mlp_dim": 128}]
   with pytest.raises(UserError, match="same number of values"):
     sweep.zipped(a=[1, 2], b=[1])
   with pytest.raises(UserError, match="two groups"):
@@ -157,3 +161,14 @@ def test_sweep_runs_skips_finished_and_resumes_interrupted_members(tmp_path, mon
   trained.clear()
   sweep.run(spec, resolved, sweep_dir)
   assert trained == []
+
+
+@pytest.mark.parametrize("path", sorted(
+    str(p) for p in (pathlib.Path(__file__).parents[1] / "configs/sweeps").glob("*.py")))
+def test_shipped_sweeps_resolve_with_sizes_around_each_budget(path, tmp_path):
+  members = sweep.resolve(sweep.load_sweep(path), tmp_path, 8)
+  budgets = {}
+  for member in members:
+    budgets.setdefault(member.overrides[sweep.BUDGET_KEY], []).append(member.cost()["params"])
+  assert len(budgets) >= 3
+  assert all(len(set(sizes)) >= 5 for sizes in budgets.values())
