@@ -146,18 +146,19 @@ def _sweep(args, overrides) -> None:
   _no_overrides(overrides)
   sweep = sweep_lib.load_sweep(args.sweep_file)
   sweep_dir = pathlib.Path(args.sweep_dir or sweep_lib.default_sweep_dir(args.sweep_file))
-  members = sweep_lib.resolve(sweep, sweep_dir, jax.device_count(), args.only)
+  members = sweep_lib.resolve(sweep, sweep_dir, jax.device_count())
+  chosen = sweep_lib.select(members, args.only)
   if args.print_commands:
     command = sweep_lib.tokenizer_command(sweep, sweep_dir)
     if command:
       print(command)
-    for member in members:
+    for member in chosen:
       print(sweep_lib.train_command(member, sweep.base))
     return
-  print(sweep_lib.describe(members))
+  print(sweep_lib.describe(chosen))
   if args.dry_run:
     return
-  rows = sweep_lib.run(sweep, members, sweep_dir)
+  rows = sweep_lib.run(sweep, members, sweep_dir, args.only)
   failed = [row["name"] for row in rows if row["status"] == "failed"]
   print(f"{sum(row['status'] == 'finished' for row in rows)}/{len(rows)} members finished; "
         f"results in {sweep_dir / 'sweep.jsonl'}", file=sys.stderr)

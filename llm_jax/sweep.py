@@ -179,22 +179,15 @@ def load_sweep(path: str) -> Sweep:
   return sweep
 
 
-def resolve(sweep: Sweep, sweep_dir: pathlib.Path, num_devices: int,
-            only: list[str] = ()) -> list[Member]:
+def resolve(sweep: Sweep, sweep_dir: pathlib.Path, num_devices: int) -> list[Member]:
   """Every member's validated config, in order; raises UserError naming the first bad member.
 
   Nothing is written: this runs for every member before any of them trains.
   """
-  unknown = [name for name in only if name not in sweep.members]
-  if unknown:
-    raise UserError(f"--only {unknown[0]!r} is not a member of this sweep; members are "
-                    f"{', '.join(sweep.members)}.")
   tokenizer_args = [] if _base_sets_tokenizer(sweep) else [
       f"data.tokenizer={sweep_dir / 'tokenizer.model'}"]
   members = []
   for name, overrides in sweep.members.items():
-    if only and name not in only:
-      continue
     if not _NAME_PATTERN.match(name):
       raise UserError(f"Sweep member name {name!r} is not a safe directory name; use letters, "
                       "digits and . _ = + - only.")
@@ -204,6 +197,16 @@ def resolve(sweep: Sweep, sweep_dir: pathlib.Path, num_devices: int,
     except UserError as e:
       raise UserError(f"Sweep member {name!r}: {e}") from None
   return members
+
+
+def select(members: list[Member], only: list[str]) -> list[Member]:
+  """The members named in `only` (all if empty); an unknown name is an error."""
+  names = [m.name for m in members]
+  unknown = [name for name in only if name not in names]
+  if unknown:
+    raise UserError(f"--only {unknown[0]!r} is not a member of this sweep; members are "
+                    f"{', '.join(names)}.")
+  return [m for m in members if not only or m.name in only]
 
 
 def _base_sets_tokenizer(sweep: Sweep) -> bool:
@@ -346,22 +349,24 @@ def describe(members: list[Member]) -> str:
   return "\n".join(lines)
 
 
-def run(sweep: Sweep, members: list[Member], sweep_dir: pathlib.Path) -> list[dict]:
-  """Trains the members in order, skipping finished ones; returns their sweep.jsonl rows.
+def run(sweep: Sweep, members: list[Member], sweep_dir: pathlib.Path,
+        only: list[str] = ()) -> list[dict]:
+  """Trains the members (those named in `only`, if given) in order, skipping finished ones.
 
-  A member that raises UserError (e.g. a non-finite loss) is recorded as failed and the
+  Returns the sweep.jsonl rows of all members; the table always lists every member. A member that raises UserError (e.g. a non-finite loss) is recorded as failed and the
   sweep goes on; a member stopped by SIGTERM/SIGINT (checkpoint saved) stops the sweep.
   """
   from llm_jax.train.loop import train  # heavy import, only when training
   sweep_dir.mkdir(parents=True, exist_ok=True)
   _prepare_shared_tokenizer(sweep, members, sweep_dir)
   write_table(sweep_dir, members)
-  for index, member in enumerate(members):
+  chosen = select(members, only)
+  for index, member in enumerate(chosen):
     if (member.workdir / RESULT_FILE).exists():
-      print(f"[{index + 1}/{len(members)}] {member.name}: finished, skipped", file=sys.stderr)
+      print(f"[{index + 1}/{len(chosen)}] {member.name}: finished, skipped", file=sys.stderr)
       continue
     start_step = _newest_checkpoint_step(member.workdir)
-    print(f"[{index + 1}/{len(members)}] {member.name}: "
+    print(f"[{index + 1}/{len(chosen)}] {member.name}: "
           f"{'resuming from step ' + str(start_step) if start_step else 'starting'} "
           f"({member.config.train.steps} steps)", file=sys.stderr)
     started = time.perf_counter()
@@ -384,12 +389,12 @@ def run(sweep: Sweep, members: list[Member], sweep_dir: pathlib.Path) -> list[di
       _write_result(member, summary)
     write_table(sweep_dir, members)
     if error:
-      print(f"[{index + 1}/{len(members)}] {member.name} failed: {error}", file=sys.stderr)
+      print(f"[{index + 1}/{len(chosen)}] {member.name} failed: {error}", file=sys.stderr)
     elif not finished:
       print(f"Sweep stopped during {member.name} at step {done}; run the same command again "
             "to resume it.", file=sys.stderr)
       break
-  return [member_row(m) for m in members]
+  return [member_row(m) for m in chosen]
 
 
 def _write_result(member: Member, summary: dict) -> None:

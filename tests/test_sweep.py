@@ -66,7 +66,12 @@ def test_budget_sets_steps_and_warmup_from_flops_per_token(tmp_path):
 
 def test_printed_commands_rebuild_each_members_config(tmp_path):
   spec = _tiny_sweep(sweep.named(sweep.grid(**{"train.learning_rate": [1e-3, 2e-3]})))
-  for member in sweep.resolve(spec, tmp_path, 8):
+  members = sweep.resolve(spec, tmp_path, 8)
+  assert [m.name for m in sweep.select(members, ["learning_rate=0.002"])] == [
+      "learning_rate=0.002"]
+  with pytest.raises(UserError, match="not a member"):
+    sweep.select(members, ["learning_rate=0.5"])
+  for member in members:
     words = shlex.split(sweep.train_command(member, spec.base))
     assert words[:2] == ["llm-jax", "train"] and words[-2:] == ["--workdir", str(member.workdir)]
     rebuilt = config_lib.load_config(None, [w.removeprefix("--") for w in words[2:-2]])
