@@ -240,6 +240,8 @@ def _resolve_member(sweep, name, overrides, sweep_dir, num_devices, tokenizer_ar
 
 
 def _newest_checkpoint_step(workdir: pathlib.Path) -> int:
+  # Step directory names, as Orbax publishes them once complete; opening a Checkpointer just
+  # to list them would create directories and start its background threads.
   steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
   return max(steps, default=0)
 
