@@ -177,3 +177,18 @@ def test_shipped_sweeps_resolve_with_sizes_around_each_budget(path, tmp_path):
     budgets.setdefault(member.overrides[sweep.BUDGET_KEY], []).append(member.cost()["params"])
   assert len(budgets) >= 3
   assert all(len(set(sizes)) >= 5 for sizes in budgets.values())
+
+
+def test_cli_prints_the_tokenizer_then_one_command_per_chosen_member(tmp_path, capsys):
+  members = {"a": {"model.d_model": 64}, "b": {"model.d_model": 128}}
+  sweep_file = _write_sweep_file(tmp_path / "two.py", members)
+  out = str(tmp_path / "out")
+  assert cli.main(["sweep", sweep_file, "--sweep_dir", out, "--print-commands"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("llm-jax tokenizer train ") and f"{out}/tokenizer.model" in lines[0]
+  assert [line.split()[-1] for line in lines[1:]] == [f"{out}/a", f"{out}/b"]
+  assert all(f"--config.data.tokenizer={out}/tokenizer.model" in line for line in lines[1:])
+  assert cli.main(["sweep", sweep_file, "--sweep_dir", out, "--print-commands",
+                   "--only", "b"]) == 0
+  assert capsys.readouterr().out.splitlines()[1:] == lines[2:]
+  assert not (tmp_path / "out").exists()  # printing writes nothing
