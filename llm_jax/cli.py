@@ -267,6 +267,77 @@ def _plan(args, overrides) -> None:
         plan.format_table(result, args.config or "configs/base.py"))
 
 
+def _sweep(args, overrides) -> None:
+  import jax
+  from llm_jax import sweep as sweep_lib
+  _no_overrides(overrides)
+  sweep = sweep_lib.load_sweep(args.sweep_file)
+  sweep_dir = pathlib.Path(args.sweep_dir or sweep_lib.default_sweep_dir(args.sweep_file))
+  members = sweep_lib.resolve(sweep, sweep_dir, jax.device_count())
+  chosen = sweep_lib.select(members, args.only)
+  if args.print_commands:
+    command = sweep_lib.tokenizer_command(sweep, sweep_dir)
+    if command:
+      print(command)
+    for member in chosen:
+      print(sweep_lib.train_command(member, sweep.base))
+    return
+  print(sweep_lib.describe(chosen))
+  if args.dry_run:
+    return
+  rows = sweep_lib.run(sweep, members, sweep_dir, args.only)
+  failed = [row["name"] for row in rows if row["status"] == "failed"]
+  print(f"{sum(row['status'] == 'finished' for row in rows)}/{len(rows)} members finished; "
+        f"results in {sweep_dir / 'sweep.jsonl'}", file=sys.stderr)
+  if failed:
+    raise UserError(f"{len(failed)} sweep members failed ({', '.join(failed)}); see "
+                    f"{sweep_dir / 'sweep.jsonl'} for their errors.")
+
+
+def _scaling_fit(args, overrides) -> None:
+  from llm_jax import scaling
+  _no_overrides(overrides)
+  if args.draws < 1:
+    raise UserError(f"--draws={args.draws} must be at least 1.")
+  fits = scaling.fit_and_plot(args.sweep, args.out, args.draws, args.seed, args.loss,
+                              args.params, args.overwrite)
+  print(scaling.summary(fits))
+
+
+def _add_sweep_parsers(commands) -> None:
+  sweep = commands.add_parser(
+      "sweep", help="train every member of a sweep file, one after another (resumable)",
+      description="Train the members of configs/sweeps/NAME.py in SWEEP_DIR/<member>; "
+                  "finished members are skipped, interrupted ones resume.")
+  sweep.add_argument("sweep_file", help="a sweep file defining get_sweep()")
+  sweep.add_argument("--sweep_dir", default=None,
+                     help="directory of the members' workdirs (default: runs/sweeps/NAME)")
+  sweep.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                     help="check every member and print their table; train nothing")
+  sweep.add_argument("--only", nargs="+", default=[], metavar="NAME",
+                     help="run only these members")
+  sweep.add_argument("--print-commands", "--print_commands", dest="print_commands",
+                     action="store_true",
+                     help="print one `llm-jax train` command per member instead of training")
+  sweep.set_defaults(handler=_sweep)
+
+  scaling = commands.add_parser("scaling", help="fit scaling laws to a sweep's results")
+  scaling_commands = scaling.add_subparsers(dest="scaling_command", required=True)
+  fit = scaling_commands.add_parser(
+      "fit", help="IsoFLOP and parametric fits with bootstrap intervals, and their plots",
+      description="Fit Chinchilla approaches 2 and 3 to SWEEP_DIR/sweep.jsonl; write "
+                  "scaling_fit.json, isoflop.png, optimal.png and parametric.png to --out.")
+  fit.add_argument("sweep", help="a sweep directory or its sweep.jsonl")
+  fit.add_argument("--out", required=True, help="directory for the fit JSON and plots")
+  fit.add_argument("--draws", type=int, default=200, help="bootstrap resamples")
+  fit.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+  fit.add_argument("--loss", default="val_loss", help="row field fitted: val_loss or train_loss")
+  fit.add_argument("--params", default="params",
+                   help="row field used as N: params or params_non_embedding")
+  fit.add_argument("--overwrite", action="store_true", help="replace existing fit outputs")
+  fit.set_defaults(handler=_scaling_fit)
+
+
 def _add_config_arguments(parser) -> None:
   parser.add_argument("--config", default=None,
                       help="config file PATH.py[:variant] (default: configs/base.py)")
@@ -397,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip the two small extra compiles that count XLA's FLOPs")
   plan.add_argument("--json", action="store_true", help="print one JSON object")
   plan.set_defaults(handler=_plan)
+  _add_sweep_parsers(commands)
   return parser
 
 
