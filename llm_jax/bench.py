@@ -176,3 +176,29 @@ def measure(config, steps: int, inference: bool = True, peak: float | None = Non
       "peak_memory_bytes": peak_memory_bytes(),
       **inference_result,
   }
+
+
+def summary(result: dict) -> str:
+  """The result of `measure` as a few lines for people."""
+  r = result
+  memory = (f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] is not None
+            else "not reported by this platform")
+  lines = [
+      f"{r['params'] / 1e6:.2f}M parameters, batch {r['batch_size']} x {r['context_length']} "
+      f"tokens on {r['devices']} {r['platform']} device(s) ({r['device_kind']})",
+      f"train step: compile {r['compile_time_sec']:.1f}s, median {r['step_time_sec'] * 1e3:.1f} "
+      f"ms over {r['steps']} steps, {r['tokens_per_sec']:,.0f} tokens/s",
+      f"  {r['flops_per_token'] / 1e6:.1f} MFLOPs/token, {r['achieved_flops_per_sec'] / 1e9:.1f} "
+      f"GFLOP/s, MFU {r['mfu']:.1%} of the {r['peak_note']}",
+      f"  peak memory: {memory}",
+  ]
+  if "prefill_tokens_per_sec" in r:
+    lines.append(f"prefill: {r['prefill_batch_size']} prompts x {r['prefill_prompt_tokens']} "
+                 f"tokens in {r['prefill_time_sec'] * 1e3:.1f} ms, "
+                 f"{r['prefill_tokens_per_sec']:,.0f} tokens/s")
+    for batch_size in DECODE_BATCH_SIZES:
+      lines.append(f"decode batch {batch_size}: "
+                   f"{r[f'decode_b{batch_size}_token_time_sec'] * 1e3:.2f} ms/step, "
+                   f"{r[f'decode_b{batch_size}_tokens_per_sec']:,.0f} tokens/s "
+                   f"({r['decode_new_tokens']} new tokens per row)")
+  return "\n".join(lines)

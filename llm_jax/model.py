@@ -41,6 +41,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention: str = "auto"
+  attention_block_size: int = 64
 
   @classmethod
   def from_config(cls, model_config) -> "ModelConfig":
@@ -105,6 +107,46 @@ def attention_mask(segment_ids_BT):
   return causal_TS[None] & same_segment_BTS
 
 
+def attention_implementation(name: str, dtype: str) -> str:
+  """The attention kernel `name` stands for: 'auto' picks by platform and dtype.
+
+  cuDNN flash attention on GPUs (it takes only 16-bit inputs), the causal-block form on
+  CPUs (it skips the masked-out half of the scores, which XLA:CPU otherwise computes), and
+  XLA's fused dot-product attention elsewhere (TPU).
+  """
+  if name != "auto":
+    return name
+  backend = jax.default_backend()
+  if backend == "gpu" and dtype == "bfloat16":
+    return "cudnn"
+  return "xla_blocked" if backend == "cpu" else "xla"
+
+
+def blocked_causal_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTT, block_size: int):
+  """Self-attention over the same T positions, one block of queries at a time.
+
+  Query block [i, i + block_size) only scores keys before its end: the keys after it are
+  masked out by causality anyway, so about half of the score and value matmuls (and their
+  softmax and gradients) are never computed, and each block's scores stay cache-sized.
+  `mask_BTT` (causal and within-segment) still applies inside each block.
+  """
+  B, T, N, H = q_BTNH.shape
+  K = k_BTKH.shape[2]
+  q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+  k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+  blocks = []
+  for start in range(0, T, block_size):
+    end = min(start + block_size, T)
+    scores_BKGtS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH[:, :, :, start:end],
+                              k_BKTH[:, :, :end], preferred_element_type=jnp.float32)
+    scores_BKGtS = jnp.where(mask_BTT[:, None, None, start:end, :end], scores_BKGtS * H**-0.5,
+                             jnp.finfo(jnp.float32).min)
+    probs_BKGtS = jax.nn.softmax(scores_BKGtS, axis=-1).astype(v_BTKH.dtype)
+    blocks.append(jnp.einsum("bkgts,bksh->bkgth", probs_BKGtS, v_BKTH[:, :, :end]))
+  out_BKGTH = jnp.concatenate(blocks, axis=3)
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
 class Attention(nn.Module):
   """Grouped-query causal attention.
 
@@ -142,14 +184,15 @@ class Attention(nn.Module):
     else:
       mask_BTS = attention_mask(segment_ids_BT)
 
-    B, T = x_BTD.shape[:2]
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32)
-    scores_BKGTS = scores_BKGTS * H**-0.5
-    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dtype)
-    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
-    out_BTNH = out_BTKGH.reshape(B, T, N, H)
+    implementation = "xla" if decode else attention_implementation(c.attention, c.dtype)
+    if implementation == "xla_blocked":
+      out_BTNH = blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS,
+                                          c.attention_block_size)
+    else:
+      # Training masks are causal too; saying so lets cuDNN skip the masked-out half.
+      out_BTNH = jax.nn.dot_product_attention(
+          q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], is_causal=not decode,
+          implementation=implementation)
     out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "head_dim"))
     return project(out_BTNH, wo_NHD.astype(dtype), 2)
 
