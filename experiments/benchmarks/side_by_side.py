@@ -16,7 +16,9 @@ Each framework runs in its own worker process (one process tree, one run) that b
 warms its step once and then, on request, times a block of `--steps` steps. The parent
 asks the two workers in turn, A B A B ... for `--rounds` rounds, so that other load on the
 machine falls on both alike, and reports the median step time of each and the ratio of
-tokens/s. Both get the same cores: XLA's CPU thread pool uses every core, and the PyTorch
+tokens/s (wall clock), with each process's CPU time per step beside it (on a shared machine
+the wall clock includes waiting for the cores; CPU time does not, though spin-waiting
+threads inflate it). Both get the same cores: XLA's CPU thread pool uses every core, and the PyTorch
 worker calls `torch.set_num_threads(--threads)` (default: the core count).
 """
 
@@ -127,7 +129,9 @@ def _worker(args, overrides) -> None:
   step.time_steps(2)  # warm-up: compilation, allocator, thread pools
   print(json.dumps({"params": step.params, **step.setup}), flush=True)
   for line in sys.stdin:
-    print(json.dumps({"times": step.time_steps(int(line))}), flush=True)
+    cpu_start = time.process_time()
+    times = step.time_steps(int(line))
+    print(json.dumps({"times": times, "cpu_sec": time.process_time() - cpu_start}), flush=True)
 
 
 def _start(framework, shape, args, overrides) -> tuple[subprocess.Popen, dict]:
@@ -146,11 +150,14 @@ def _compare(shape, args, overrides) -> dict:
   if len(set(counts.values())) != 1:
     raise SystemExit(f"The two models differ in size: {counts}; the comparison is off.")
   times = {f: [] for f in FRAMEWORKS}
+  cpu_per_step = {f: [] for f in FRAMEWORKS}
   for _ in range(args.rounds):
     for framework, (process, _) in workers.items():
       process.stdin.write(f"{args.steps}\n")
       process.stdin.flush()
-      times[framework] += json.loads(process.stdout.readline())["times"]
+      block = json.loads(process.stdout.readline())
+      times[framework] += block["times"]
+      cpu_per_step[framework].append(block["cpu_sec"] / args.steps)
   for process, _ in workers.values():
     process.stdin.close()
     process.wait()
@@ -161,6 +168,7 @@ def _compare(shape, args, overrides) -> dict:
     step_time = statistics.median(times[framework])
     result[framework] = {"step_time_sec": step_time,
                          "tokens_per_sec": tokens_per_step / step_time,
+                         "cpu_time_per_step_sec": statistics.median(cpu_per_step[framework]),
                          **{k: v for k, v in setup.items() if k != "params"}}
   result["ratio"] = result["llm-jax"]["tokens_per_sec"] / result["pytorch"]["tokens_per_sec"]
   return result
@@ -191,7 +199,8 @@ def main() -> None:
     for framework in FRAMEWORKS:
       r = result[framework]
       print(f"  {framework:8s} {r['step_time_sec'] * 1e3:8.1f} ms/step "
-            f"{r['tokens_per_sec']:10,.0f} tokens/s")
+            f"{r['tokens_per_sec']:10,.0f} tokens/s  (process CPU time "
+            f"{r['cpu_time_per_step_sec'] * 1e3:.0f} ms/step)")
     print(f"  llm-jax / pytorch tokens/s: {result['ratio']:.2f}x", flush=True)
 
 
