@@ -43,6 +43,7 @@ class ModelConfig:
   remat_policy: str = "none"
   attention: str = "auto"
   attention_block_size: int = 64
+  scan_unroll: int = 0
 
   @classmethod
   def from_config(cls, model_config) -> "ModelConfig":
@@ -107,6 +108,23 @@ def attention_mask(segment_ids_BT):
   return causal_TS[None] & same_segment_BTS
 
 
+def scan_unroll(unroll: int, num_layers: int) -> int:
+  """Layers per iteration of the scanned stack; 0 picks by platform.
+
+  Unrolled, XLA sees straight-line code: no zero-filled stacks of saved activations, no
+  dynamic slices of stacked weights and gradients. On CPU that bookkeeping is about a fifth
+  of a small model's step, so 'auto' unrolls every layer there; on accelerators the matmuls
+  dwarf it and a rolled loop keeps compiles of deep models short. The parameters stay
+  stacked either way, so checkpoints do not depend on it.
+  """
+  if unroll == 0:
+    unroll = num_layers if jax.default_backend() == "cpu" else 1
+  return min(unroll, num_layers)
+
+
+MAX_ATTENTION_BLOCKS = 16  # each block is its own ops in the compiled step
+
+
 def attention_implementation(name: str, dtype: str) -> str:
   """The attention kernel `name` stands for: 'auto' picks by platform and dtype.
 
@@ -128,9 +146,11 @@ def blocked_causal_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTT, block_size: int):
   Query block [i, i + block_size) only scores keys before its end: the keys after it are
   masked out by causality anyway, so about half of the score and value matmuls (and their
   softmax and gradients) are never computed, and each block's scores stay cache-sized.
-  `mask_BTT` (causal and within-segment) still applies inside each block.
+  `mask_BTT` (causal and within-segment) still applies inside each block. Blocks grow past
+  `block_size` where needed to keep at most MAX_ATTENTION_BLOCKS of them (compile time).
   """
   B, T, N, H = q_BTNH.shape
+  block_size = max(block_size, -(-T // MAX_ATTENTION_BLOCKS))
   K = k_BTKH.shape[2]
   q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
   k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
@@ -269,6 +289,7 @@ class Transformer(nn.Module):
       stack = nn.scan(block, variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
+                      unroll=scan_unroll(c.scan_unroll, c.num_layers),
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x_BTD, _ = stack(c, name="layers")(x_BTD, segment_ids_BT, positions_BT, decode)
     else:
