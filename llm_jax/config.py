@@ -133,6 +133,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if not value > 0:
       raise UserError(f"{name}={value} must be positive.")
   non_negative = ["train.warmup_steps", "train.eval_every", "train.checkpoint_every",
+                  "model.scan_unroll",
                   "train.checkpoint_minutes",
                   "train.weight_decay", "train.grad_clip", "train.sample_tokens",
                   "train.sample_temperature", "train.min_lr_ratio", "train.seed"]

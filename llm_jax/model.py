@@ -113,7 +113,7 @@ def scan_unroll(unroll: int, num_layers: int) -> int:
 
   Unrolled, XLA sees straight-line code: no zero-filled stacks of saved activations, no
   dynamic slices of stacked weights and gradients. On CPU that bookkeeping is about a fifth
-  of a small model's step, so 'auto' unrolls every layer there; on accelerators the matmuls
+  of a small model's step, so 0 unrolls every layer there; on accelerators the matmuls
   dwarf it and a rolled loop keeps compiles of deep models short. The parameters stay
   stacked either way, so checkpoints do not depend on it.
   """
@@ -174,6 +174,8 @@ class Attention(nn.Module):
   (`decode=True`) also writes each token's key and value into a per-row cache of
   `context_length` slots at its position (the `cache` collection) and attends to every slot
   up to that position; a row's slots below its current position always hold its own tokens.
+  The kernel of training and scoring is `config.attention` (see `attention_implementation`);
+  decoding always uses XLA's, whose mask covers the cache.
   """
   config: ModelConfig
 
