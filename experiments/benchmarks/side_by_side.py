@@ -1,8 +1,8 @@
 """llm-jax's train step against a PyTorch reference of the same model and optimizer.
 
     pip install -e '.[bench]'
-    python experiments/benchmarks/side_by_side.py [--shapes default 25m] [--rounds 5] \
-        [--steps 5] [--threads N] [--config.KEY=VALUE ...]
+    python experiments/benchmarks/side_by_side.py [--shapes default 25m] [--rounds 4] \
+        [--steps 2] [--threads N] [--json] [--config.KEY=VALUE ...]
 
 The reference is what a user would otherwise pick: Hugging Face `LlamaForCausalLM` built
 from a `LlamaConfig` with the same vocabulary, width, layers, heads, kv heads, MLP width,
@@ -177,8 +177,8 @@ def _compare(shape, args, overrides) -> dict:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-  parser.add_argument("--rounds", type=int, default=5, help="A B alternations per shape")
-  parser.add_argument("--steps", type=int, default=5, help="steps timed per turn")
+  parser.add_argument("--rounds", type=int, default=4, help="A B alternations per shape")
+  parser.add_argument("--steps", type=int, default=2, help="steps timed per turn")
   parser.add_argument("--threads", type=int, default=os.cpu_count(),
                       help="PyTorch intra-op threads (default: every core, as XLA uses)")
   parser.add_argument("--json", action="store_true", help="print one JSON object per shape")
