@@ -15,8 +15,6 @@ _POSITIVE_KEYS = (
     "decode_b1_token_time_sec", "decode_b8_token_time_sec")
 
 
-
-
 def test_bench_json_output_is_one_well_formed_object(tmp_path, capsys):
   out = tmp_path / "bench.json"
   argv = ["bench", "--steps", "2", "--json", "--out", str(out),
