@@ -338,6 +338,24 @@ def _add_sweep_parsers(commands) -> None:
   fit.set_defaults(handler=_scaling_fit)
 
 
+def _bench(args, overrides) -> None:
+  from llm_jax import bench
+  if args.steps < 1:
+    raise UserError(f"--steps={args.steps} must be at least 1.")
+  out = pathlib.Path(args.out) if args.out else None
+  if out is not None and out.exists():
+    raise UserError(f"{out} already exists; choose another --out (nothing was overwritten).")
+  result = bench.measure(_load_config(args, overrides), args.steps,
+                         inference=not args.train_only)
+  if out is not None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+  if args.json:
+    print(json.dumps(result))
+    return
+  print(bench.summary(result))
+
+
 def _add_config_arguments(parser) -> None:
   parser.add_argument("--config", default=None,
                       help="config file PATH.py[:variant] (default: configs/base.py)")
@@ -469,6 +487,19 @@ def build_parser() -> argparse.ArgumentParser:
   plan.add_argument("--json", action="store_true", help="print one JSON object")
   plan.set_defaults(handler=_plan)
   _add_sweep_parsers(commands)
+
+  bench_command = commands.add_parser(
+      "bench", help="time the train step, prefill and decode of a config",
+      description="Time the real jitted train step (and prefill and decode) of a config on a "
+                  "synthetic batch: compile time, median step time, tokens/s, FLOPs, MFU.")
+  _add_config_arguments(bench_command)
+  bench_command.add_argument("--steps", type=int, default=10,
+                             help="timed calls after warm-up; the median is reported")
+  bench_command.add_argument("--train_only", action="store_true",
+                             help="skip the prefill and decode measurements")
+  bench_command.add_argument("--out", default=None, help="also write the JSON to this new file")
+  bench_command.add_argument("--json", action="store_true", help="print one JSON object")
+  bench_command.set_defaults(handler=_bench)
   return parser
 
 

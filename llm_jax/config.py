@@ -21,6 +21,7 @@ from llm_jax.errors import UserError
 _BUNDLED_CONFIGS = pathlib.Path(base.__file__).parent
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "xla_blocked", "cudnn")
 MESH_AXES = ("data", "fsdp", "tensor")
 MIN_VOCAB_SIZE = 384
 
@@ -126,12 +127,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
               "model.num_kv_heads", "model.mlp_dim", "model.context_length", "train.steps",
               "train.batch_size", "train.grad_accum_steps", "train.log_every",
               "train.eval_tokens", "train.keep_checkpoints", "model.rope_theta",
-              "train.learning_rate", "model.norm_eps"]
+              "train.learning_rate", "model.norm_eps", "model.attention_block_size"]
   for name in positive:
     value = _get(config, name)
     if not value > 0:
       raise UserError(f"{name}={value} must be positive.")
   non_negative = ["train.warmup_steps", "train.eval_every", "train.checkpoint_every",
+                  "model.scan_unroll",
                   "train.checkpoint_minutes",
                   "train.weight_decay", "train.grad_clip", "train.sample_tokens",
                   "train.sample_temperature", "train.min_lr_ratio", "train.seed"]
@@ -150,6 +152,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                     f"model.num_heads={m.num_heads}; valid values are {_divisors(m.num_heads)}.")
   for name, valid in (("model.dtype", DTYPES), ("model.param_dtype", DTYPES),
                       ("model.remat_policy", REMAT_POLICIES),
+                      ("model.attention", ATTENTION_IMPLEMENTATIONS),
                       ("train.on_nonfinite", ("stop", "skip"))):
     if _get(config, name) not in valid:
       raise UserError(f"{name}={_get(config, name)!r} is not one of {', '.join(valid)}.")

@@ -41,6 +41,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention: str = "auto"
+  attention_block_size: int = 64
+  scan_unroll: int = 0
 
   @classmethod
   def from_config(cls, model_config) -> "ModelConfig":
@@ -105,6 +108,65 @@ def attention_mask(segment_ids_BT):
   return causal_TS[None] & same_segment_BTS
 
 
+def scan_unroll(unroll: int, num_layers: int) -> int:
+  """Layers per iteration of the scanned stack; 0 picks by platform.
+
+  Unrolled, XLA sees straight-line code: no zero-filled stacks of saved activations, no
+  dynamic slices of stacked weights and gradients. On CPU that bookkeeping is about a fifth
+  of a small model's step, so 0 unrolls every layer there; on accelerators the matmuls
+  dwarf it and a rolled loop keeps compiles of deep models short. The parameters stay
+  stacked either way, so checkpoints do not depend on it.
+  """
+  if unroll == 0:
+    unroll = num_layers if jax.default_backend() == "cpu" else 1
+  return min(unroll, num_layers)
+
+
+MAX_ATTENTION_BLOCKS = 16  # each block is its own ops in the compiled step
+
+
+def attention_implementation(name: str, dtype: str) -> str:
+  """The attention kernel `name` stands for: 'auto' picks by platform and dtype.
+
+  cuDNN flash attention on GPUs (it takes only 16-bit inputs), the causal-block form on
+  CPUs (it skips the masked-out half of the scores, which XLA:CPU otherwise computes), and
+  XLA's fused dot-product attention elsewhere (TPU).
+  """
+  if name != "auto":
+    return name
+  backend = jax.default_backend()
+  if backend == "gpu" and dtype == "bfloat16":
+    return "cudnn"
+  return "xla_blocked" if backend == "cpu" else "xla"
+
+
+def blocked_causal_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTT, block_size: int):
+  """Self-attention over the same T positions, one block of queries at a time.
+
+  Query block [i, i + block_size) only scores keys before its end: the keys after it are
+  masked out by causality anyway, so about half of the score and value matmuls (and their
+  softmax and gradients) are never computed, and each block's scores stay cache-sized.
+  `mask_BTT` (causal and within-segment) still applies inside each block. Blocks grow past
+  `block_size` where needed to keep at most MAX_ATTENTION_BLOCKS of them (compile time).
+  """
+  B, T, N, H = q_BTNH.shape
+  block_size = max(block_size, -(-T // MAX_ATTENTION_BLOCKS))
+  K = k_BTKH.shape[2]
+  q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+  k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+  blocks = []
+  for start in range(0, T, block_size):
+    end = min(start + block_size, T)
+    scores_BKGtS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH[:, :, :, start:end],
+                              k_BKTH[:, :, :end], preferred_element_type=jnp.float32)
+    scores_BKGtS = jnp.where(mask_BTT[:, None, None, start:end, :end], scores_BKGtS * H**-0.5,
+                             jnp.finfo(jnp.float32).min)
+    probs_BKGtS = jax.nn.softmax(scores_BKGtS, axis=-1).astype(v_BTKH.dtype)
+    blocks.append(jnp.einsum("bkgts,bksh->bkgth", probs_BKGtS, v_BKTH[:, :, :end]))
+  out_BKGTH = jnp.concatenate(blocks, axis=3)
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
 class Attention(nn.Module):
   """Grouped-query causal attention.
 
@@ -112,6 +174,8 @@ class Attention(nn.Module):
   (`decode=True`) also writes each token's key and value into a per-row cache of
   `context_length` slots at its position (the `cache` collection) and attends to every slot
   up to that position; a row's slots below its current position always hold its own tokens.
+  The kernel of training and scoring is `config.attention` (see `attention_implementation`);
+  decoding always uses XLA's, whose mask covers the cache.
   """
   config: ModelConfig
 
@@ -142,14 +206,15 @@ class Attention(nn.Module):
     else:
       mask_BTS = attention_mask(segment_ids_BT)
 
-    B, T = x_BTD.shape[:2]
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32)
-    scores_BKGTS = scores_BKGTS * H**-0.5
-    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dtype)
-    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
-    out_BTNH = out_BTKGH.reshape(B, T, N, H)
+    implementation = "xla" if decode else attention_implementation(c.attention, c.dtype)
+    if implementation == "xla_blocked":
+      out_BTNH = blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS,
+                                          c.attention_block_size)
+    else:
+      # Training masks are causal too; saying so lets cuDNN skip the masked-out half.
+      out_BTNH = jax.nn.dot_product_attention(
+          q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], is_causal=not decode,
+          implementation=implementation)
     out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "head_dim"))
     return project(out_BTNH, wo_NHD.astype(dtype), 2)
 
@@ -226,6 +291,7 @@ class Transformer(nn.Module):
       stack = nn.scan(block, variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
+                      unroll=scan_unroll(c.scan_unroll, c.num_layers),
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x_BTD, _ = stack(c, name="layers")(x_BTD, segment_ids_BT, positions_BT, decode)
     else:

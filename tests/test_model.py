@@ -81,3 +81,35 @@ def test_packed_documents_do_not_see_each_other():
   # Without segment ids, document b would attend to a and its logits would change.
   unmasked = model.apply({"params": params}, packed, None, positions)
   assert not np.allclose(unmasked[0, 12:], alone_b[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("block_size", [8, 5, 64])
+def test_blocked_attention_equals_dense_attention_with_packing(block_size):
+  """Query blocks (also ragged ones, and one block for all) change nothing, not even grads."""
+  _, blocked, params = _model("model.attention=xla_blocked",
+                              f"model.attention_block_size={block_size}")
+  _, dense, _ = _model("model.attention=xla")
+  rng = np.random.default_rng(4)
+  tokens = rng.integers(0, 512, (2, 32)).astype(np.int32)
+  segments = np.array([[1] * 12 + [2] * 20, [1] * 7 + [2] * 9 + [3] * 10 + [0] * 6], np.int32)
+  positions = np.concatenate([np.arange(12), np.arange(20), np.arange(7), np.arange(9),
+                              np.arange(10), np.arange(6)]).reshape(2, 32)
+
+  def loss(model, p):
+    return jnp.sum(model.apply({"params": p}, tokens, segments, positions)[..., :8] ** 2)
+
+  np.testing.assert_allclose(blocked.apply({"params": params}, tokens, segments, positions),
+                             dense.apply({"params": params}, tokens, segments, positions),
+                             atol=1e-5)
+  grads = [jax.grad(loss, argnums=1)(m, params) for m in (blocked, dense)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()), *grads)
+
+
+def test_auto_attention_picks_by_platform_and_dtype(monkeypatch):
+  from llm_jax import model as model_lib
+  for backend, dtype, expected in (("cpu", "float32", "xla_blocked"), ("gpu", "bfloat16", "cudnn"),
+                                   ("gpu", "float32", "xla"), ("tpu", "bfloat16", "xla")):
+    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+    assert model_lib.attention_implementation("auto", dtype) == expected
+  assert model_lib.attention_implementation("xla", "float32") == "xla"

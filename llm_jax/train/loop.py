@@ -28,9 +28,10 @@ from llm_jax.sharding import is_primary
 from llm_jax.train import optimizer, state as state_lib, step as step_lib
 from llm_jax.train.metrics import MetricsWriter
 
-# Keys that change the parameters or what they compute; the others (compute dtype, remat)
-# may change between runs of the same workdir.
-_EXECUTION_ONLY_MODEL_KEYS = ("dtype", "remat_policy")
+# Keys that change the parameters or what they compute; the others (compute dtype, remat,
+# attention kernel, scan unrolling) may change between runs of the same workdir.
+_EXECUTION_ONLY_MODEL_KEYS = ("dtype", "remat_policy", "attention", "attention_block_size",
+                              "scan_unroll")
 
 
 def log(message: str) -> None:

@@ -1,0 +1,208 @@
+"""llm-jax's train step against a PyTorch reference of the same model and optimizer.
+
+    pip install -e '.[bench]'
+    python experiments/benchmarks/side_by_side.py [--shapes default 25m] [--rounds 4] \
+        [--steps 2] [--threads N] [--json] [--config.KEY=VALUE ...]
+
+The reference is what a user would otherwise pick: Hugging Face `LlamaForCausalLM` built
+from a `LlamaConfig` with the same vocabulary, width, layers, heads, kv heads, MLP width,
+tied embeddings, rotary theta and RMSNorm epsilon (the script checks that the parameter
+counts agree), trained in float32 eager mode with `torch.optim.AdamW` (same betas, epsilon,
+weight decay on matrices only, warmup-cosine learning rate) and global-norm gradient
+clipping, on the same batch size and sequence length; the loss is the same mean next-token
+cross-entropy.
+
+Each framework runs in its own worker process (one process tree, one run) that builds and
+warms its step once and then, on request, times a block of `--steps` steps. The parent
+asks the two workers in turn, A B A B ... for `--rounds` rounds, so that other load on the
+machine falls on both alike, and reports the median step time of each and the ratio of
+tokens/s (wall clock), with each process's CPU time per step beside it (on a shared machine
+the wall clock includes waiting for the cores; CPU time does not, though spin-waiting
+threads inflate it). Both get the same cores: XLA's CPU thread pool uses every core, and the PyTorch
+worker calls `torch.set_num_threads(--threads)` (default: the core count).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {"default": "configs/llama.py:default", "25m": "configs/llama.py:25m"}
+FRAMEWORKS = ("llm-jax", "pytorch")
+
+
+def _load_config(shape: str, overrides: list[str]):
+  from llm_jax import config as config_lib
+  return config_lib.load_config(SHAPES[shape], [o.removeprefix("--") for o in overrides])
+
+
+class _JaxStep:
+  """The real `llm-jax train` step (llm_jax.bench) on a synthetic batch."""
+
+  def __init__(self, config):
+    import jax
+    from llm_jax import bench, flops, sharding
+    from llm_jax import config as config_lib
+    config_lib.validate(config, jax.device_count())
+    self._timer = bench.TrainStepTimer(config, sharding.make_mesh(config.mesh))
+    self.params = flops.param_counts(config.model)["params"]
+    self.setup = {"compile_time_sec": self._timer.compile_time_sec,
+                  "jax": jax.__version__, "devices": jax.device_count()}
+
+  def time_steps(self, steps: int) -> list[float]:
+    return self._timer.time_steps(steps)
+
+
+class _TorchStep:
+  """Hugging Face LlamaForCausalLM + torch.optim.AdamW, eager float32 on the CPU."""
+
+  def __init__(self, config, threads: int):
+    import math
+
+    import torch
+    import transformers
+    torch.set_num_threads(threads)
+    torch.manual_seed(config.train.seed)
+    m, t = config.model, config.train
+    hf_config = transformers.LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.mlp_dim,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads, max_position_embeddings=m.context_length,
+        rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
+        attention_bias=False, mlp_bias=False, hidden_act="silu")
+    self.model = transformers.LlamaForCausalLM(hf_config).train()
+    self.params = sum(p.numel() for p in self.model.parameters())
+    # Decay matrices and embeddings, not RMSNorm scales, as llm_jax.train.optimizer does.
+    decay = [p for p in self.model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+    self.optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.learning_rate, betas=(t.b1, t.b2), eps=t.eps)
+
+    def lr_factor(step):
+      if step < t.warmup_steps:
+        return step / max(t.warmup_steps, 1)
+      progress = min((step - t.warmup_steps) / max(t.steps - t.warmup_steps, 1), 1.0)
+      return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
+    generator = torch.Generator().manual_seed(t.seed)
+    tokens = torch.randint(0, m.vocab_size, (t.batch_size, m.context_length + 1),
+                           generator=generator)
+    self.inputs, self.targets = tokens[:, :-1], tokens[:, 1:]
+    self.grad_clip = t.grad_clip
+    self._torch = torch
+    self.setup = {"torch": torch.__version__, "transformers": transformers.__version__,
+                  "threads": torch.get_num_threads(),
+                  "attention": self.model.config._attn_implementation}
+
+  def _step(self):
+    torch = self._torch
+    logits = self.model(input_ids=self.inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                             self.targets.reshape(-1))
+    self.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if self.grad_clip > 0:
+      torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+    self.optimizer.step()
+    self.scheduler.step()
+    return loss.item()  # the step is done when its loss is on the host
+
+  def time_steps(self, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      self._step()
+      times.append(time.perf_counter() - start)
+    return times
+
+
+def _worker(args, overrides) -> None:
+  """Builds one framework's step, warms it, then times a block of steps per stdin line."""
+  config = _load_config(args.shape, overrides)
+  step = _JaxStep(config) if args.worker == "llm-jax" else _TorchStep(config, args.threads)
+  step.time_steps(2)  # warm-up: compilation, allocator, thread pools
+  print(json.dumps({"params": step.params, **step.setup}), flush=True)
+  for line in sys.stdin:
+    cpu_start = time.process_time()
+    times = step.time_steps(int(line))
+    print(json.dumps({"times": times, "cpu_sec": time.process_time() - cpu_start}), flush=True)
+
+
+def _start(framework, shape, args, overrides) -> tuple[subprocess.Popen, dict]:
+  command = [sys.executable, __file__, "--worker", framework, "--shape", shape,
+             "--threads", str(args.threads), *overrides]
+  process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  return process, json.loads(process.stdout.readline())
+
+
+def _compare(shape, args, overrides) -> dict:
+  config = _load_config(shape, overrides)
+  m, t = config.model, config.train
+  tokens_per_step = t.batch_size * m.context_length
+  workers = {f: _start(f, shape, args, overrides) for f in FRAMEWORKS}
+  counts = {f: setup["params"] for f, (_, setup) in workers.items()}
+  if len(set(counts.values())) != 1:
+    raise SystemExit(f"The two models differ in size: {counts}; the comparison is off.")
+  times = {f: [] for f in FRAMEWORKS}
+  cpu_per_step = {f: [] for f in FRAMEWORKS}
+  for _ in range(args.rounds):
+    for framework, (process, _) in workers.items():
+      process.stdin.write(f"{args.steps}\n")
+      process.stdin.flush()
+      block = json.loads(process.stdout.readline())
+      times[framework] += block["times"]
+      cpu_per_step[framework].append(block["cpu_sec"] / args.steps)
+  for process, _ in workers.values():
+    process.stdin.close()
+    process.wait()
+  result = {"shape": shape, "params": counts["llm-jax"], "batch_size": t.batch_size,
+            "context_length": m.context_length, "dtype": m.dtype,
+            "rounds": args.rounds, "steps_per_round": args.steps}
+  for framework, (_, setup) in workers.items():
+    step_time = statistics.median(times[framework])
+    result[framework] = {"step_time_sec": step_time,
+                         "tokens_per_sec": tokens_per_step / step_time,
+                         "cpu_time_per_step_sec": statistics.median(cpu_per_step[framework]),
+                         **{k: v for k, v in setup.items() if k != "params"}}
+  result["ratio"] = result["llm-jax"]["tokens_per_sec"] / result["pytorch"]["tokens_per_sec"]
+  return result
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+  parser.add_argument("--rounds", type=int, default=4, help="A B alternations per shape")
+  parser.add_argument("--steps", type=int, default=2, help="steps timed per turn")
+  parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                      help="PyTorch intra-op threads (default: every core, as XLA uses)")
+  parser.add_argument("--json", action="store_true", help="print one JSON object per shape")
+  parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+  parser.add_argument("--shape", choices=list(SHAPES), help=argparse.SUPPRESS)
+  args, overrides = parser.parse_known_args()
+  if args.worker:
+    _worker(args, overrides)
+    return
+  for shape in args.shapes:
+    result = _compare(shape, args, overrides)
+    if args.json:
+      print(json.dumps(result), flush=True)
+      continue
+    print(f"{shape}: {result['params'] / 1e6:.1f}M params, batch {result['batch_size']} x "
+          f"{result['context_length']} tokens, {result['dtype']}, median of "
+          f"{args.rounds} x {args.steps} steps per framework, alternating")
+    for framework in FRAMEWORKS:
+      r = result[framework]
+      print(f"  {framework:8s} {r['step_time_sec'] * 1e3:8.1f} ms/step "
+            f"{r['tokens_per_sec']:10,.0f} tokens/s  (process CPU time "
+            f"{r['cpu_time_per_step_sec'] * 1e3:.0f} ms/step)")
+    print(f"  llm-jax / pytorch tokens/s: {result['ratio']:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+  main()
