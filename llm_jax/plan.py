@@ -54,6 +54,22 @@ def model_param_counts(config) -> dict[str, int]:
                                       if name not in ("embedding", "lm_head"))}
 
 
+def as_on_accelerators(config):
+  """`config` with the platform-dependent `auto` choices made as on an accelerator.
+
+  The plan is compiled on fake CPU devices, where `auto` would take the CPU's choices
+  (causal attention blocks, every layer unrolled). An accelerator runs the layer loop rolled
+  and XLA's or cuDNN's attention; cuDNN cannot compile here, so XLA's dense attention
+  stands in for it, which makes the memory estimate pessimistic for cuDNN's flash kernel.
+  """
+  config = config.copy_and_resolve_references()
+  if config.model.attention == "auto":
+    config.model.attention = "xla"
+  if config.model.scan_unroll == 0:
+    config.model.scan_unroll = 1
+  return config
+
+
 def _compile_train_step(config, devices):
   """The ahead-of-time compiled train step of `config` on a mesh over `devices`."""
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -108,6 +124,7 @@ def plan(config, num_devices: int, hardware_name: str | None = None, target_mfu:
     raise UserError(f"--devices={num_devices} but this process has {jax.device_count()} "
                     "devices; run `llm-jax plan` from a fresh process, which makes them.")
   config_lib.validate(config, num_devices)
+  config = as_on_accelerators(config)
   devices = jax.devices()[:num_devices]
   m, t = config.model, config.train
 

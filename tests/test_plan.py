@@ -33,6 +33,12 @@ def _small(*overrides):
                      *overrides)
 
 
+def test_the_plan_makes_auto_choices_as_an_accelerator_would():
+  config = plan.as_on_accelerators(_small())
+  assert (config.model.attention, config.model.scan_unroll) == ("xla", 1)
+  assert _small().model.attention == "auto"  # the caller's config is left as it was
+
+
 def test_plan_of_a_small_config_reports_counts_flops_and_memory():
   mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.num_layers=3"]
   config = _small(*mesh)
@@ -44,7 +50,8 @@ def test_plan_of_a_small_config_reports_counts_flops_and_memory():
   assert result["flops_per_step"] == flops.flops_per_token(config.model) * tokens
   # XLA counts a loop body once, so its count of the scanned layers is extrapolated from one
   # and two unrolled layers: it must equal XLA's count of all three layers unrolled...
-  unrolled = plan._compile_train_step(_small(*mesh, "model.scan_layers=false"), jax.devices())
+  unrolled = plan._compile_train_step(
+      plan.as_on_accelerators(_small(*mesh, "model.scan_layers=false")), jax.devices())
   assert result["xla_flops_per_step"] == pytest.approx(8 * plan._cost_flops(unrolled), rel=1e-4)
   # ...and, without remat, land near the 6N + attention formula.
   assert result["xla_flops_per_step"] == pytest.approx(result["flops_per_step"], rel=0.15)
