@@ -133,7 +133,7 @@ def test_predict_table_sums_to_one_with_the_rest(capsys, run, workdir, tmp_path)
   assert probabilities[:7] == sorted(probabilities[:7], reverse=True)
   assert abs(sum(probabilities) - 1.0) < 1e-5  # printed with 6 decimals
   assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  # The rest is summed over the other tokens, not taken as 1 - top.
+  # The listed tokens are the most likely ones, and the rest is the mass of all the others.
   probs = generate_lib.next_token_probs(run.params, run.model, [run.encode_prompt("import ")])
   top7 = np.sort(probs[0])[::-1][:7]
   np.testing.assert_allclose(probabilities[:7], top7, atol=1e-6)
@@ -142,7 +142,7 @@ def test_predict_table_sums_to_one_with_the_rest(capsys, run, workdir, tmp_path)
 
 
 def test_eval_equals_exp_of_the_mean_token_loss_computed_independently(run, tmp_path):
-  texts = ["def add(a, b):\n    return a + b\n", "x = [i * i for i in range(10)]\n",
+  texts = ["def add(a, b):\n    return a + b  # naïve\n", "x = [i * i for i in range(10)]\n",
            "class Point:\n    pass\n" * 8]  # the last is longer than one context row
   for i, text in enumerate(texts):
     (tmp_path / f"doc{i}.txt").write_text(text)
@@ -162,6 +162,7 @@ def test_eval_equals_exp_of_the_mean_token_loss_computed_independently(run, tmp_
   np.testing.assert_allclose(result["loss"], np.mean(losses), rtol=1e-5)
   np.testing.assert_allclose(result["perplexity"], math.exp(np.mean(losses)), rtol=1e-5)
   num_bytes = sum(len(t.encode()) for t in texts)
+  assert num_bytes > sum(len(t) for t in texts)  # bytes, not characters
   np.testing.assert_allclose(result["bits_per_byte"], np.sum(losses) / math.log(2) / num_bytes,
                              rtol=1e-5)
 
