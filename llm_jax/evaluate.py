@@ -11,7 +11,6 @@ in float64 on the host.
   bits per byte  = sum of token losses / ln 2 / UTF-8 bytes of the documents' text
 """
 
-import functools
 import math
 from collections.abc import Iterable
 
@@ -23,6 +22,10 @@ from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import UserError
 from llm_jax.loss import summed_loss
 from llm_jax.model import Transformer
+
+# Module level, with the model static: repeated scoring (a notebook, several file sets) reuses
+# one compiled function per model and batch shape instead of compiling on every call.
+_summed_loss = jax.jit(summed_loss, static_argnames="model")
 
 
 def score_texts(params, model: Transformer, tokenizer: Tokenizer, texts: Iterable[str], *,
@@ -45,11 +48,11 @@ def score_texts(params, model: Transformer, tokenizer: Tokenizer, texts: Iterabl
   if not num_tokens:
     raise UserError("There is no text to evaluate; give files with at least one non-empty "
                     "document.")
-  loss_fn = jax.jit(functools.partial(summed_loss, model=model))
   loss_sum = count = 0.0
   with sharding.activate(mesh):
     for batch in pipeline.scoring_batches(rows, row_length, batch_size):
-      batch_loss, batch_count = loss_fn(params, batch=sharding.global_batch(batch, mesh))
+      batch_loss, batch_count = _summed_loss(params, model=model,
+                                             batch=sharding.global_batch(batch, mesh))
       loss_sum += float(batch_loss)
       count += float(batch_count)
   loss = loss_sum / count
