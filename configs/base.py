@@ -31,6 +31,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   m.attention = "auto"  # kernel: xla, xla_blocked, cudnn; auto: cudnn on GPU, xla_blocked on CPU
   m.attention_block_size = 64  # query block of xla_blocked attention (64 measured fastest on CPU)
   m.scan_unroll = 0  # layers per scan iteration (0: all on CPU, 1 on accelerators); same params
+  m.matmul_precision = "auto"  # float32 or bfloat16 matmul operands; auto: bfloat16 on CPUs with bf16 dots
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 800  # optimizer steps in the whole run (the schedule's length)

@@ -21,7 +21,7 @@ import numpy as np
 from llm_jax import config as config_lib
 from llm_jax import flops, generate, sharding
 from llm_jax.errors import UserError
-from llm_jax.model import ModelConfig, Transformer
+from llm_jax.model import ModelConfig, Transformer, bf16_operands
 from llm_jax.train import optimizer, state as state_lib, step as step_lib
 
 DECODE_BATCH_SIZES = (1, 8)
@@ -152,7 +152,7 @@ def measure(config, steps: int, inference: bool = True, peak: float | None = Non
     inference_result = (_inference(config, timer.model, timer.state.params, steps)
                         if inference else {})
   if peak is None:
-    peak, peak_note = flops.peak_flops()
+    peak, peak_note = flops.peak_flops(bf16_operands=bf16_operands(ModelConfig.from_config(m)))
   else:
     peak_note = "given"
   tokens_per_sec = timer.tokens_per_step / step_time

@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 
+from llm_jax import host_memory
 from llm_jax.errors import UserError
 
 
@@ -504,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  if argv is None:  # the `llm-jax` command itself, not a call from Python
+    host_memory.reexec_with_tuned_malloc()
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
   try:

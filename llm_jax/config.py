@@ -22,6 +22,7 @@ _BUNDLED_CONFIGS = pathlib.Path(base.__file__).parent
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "xla_blocked", "cudnn")
+MATMUL_PRECISIONS = ("auto", "float32", "bfloat16")
 MESH_AXES = ("data", "fsdp", "tensor")
 MIN_VOCAB_SIZE = 384
 
@@ -153,6 +154,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   for name, valid in (("model.dtype", DTYPES), ("model.param_dtype", DTYPES),
                       ("model.remat_policy", REMAT_POLICIES),
                       ("model.attention", ATTENTION_IMPLEMENTATIONS),
+                      ("model.matmul_precision", MATMUL_PRECISIONS),
                       ("train.on_nonfinite", ("stop", "skip"))):
     if _get(config, name) not in valid:
       raise UserError(f"{name}={_get(config, name)!r} is not one of {', '.join(valid)}.")

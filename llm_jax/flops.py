@@ -17,8 +17,9 @@ causal mask, as PaLM and MaxText do.
 
 MFU = achieved model FLOP/s / peak FLOP/s. The peak is the datasheet dense bf16 FLOP/s per
 chip times the chip count on accelerators; on CPU it is measured in the same process by
-timing a large float32 matmul (`measure_cpu_matmul_peak`), and that measured number is
-logged beside the MFU so the ratio can be checked.
+timing a large matmul of the model's operand precision (`measure_cpu_matmul_peak`: float32,
+or bfloat16 operands with float32 results where the model rounds its matmul operands to
+bfloat16), and that measured number is logged beside the MFU so the ratio can be checked.
 """
 
 import time
@@ -57,11 +58,14 @@ def flops_per_token(model_config) -> float:
   return 6.0 * matmul_params + attention
 
 
-def measure_cpu_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
-  """FLOP/s of the best of `repeats` float32 `size`x`size` matmuls on the first device."""
+def measure_cpu_matmul_peak(size: int = 1024, repeats: int = 5,
+                            bf16_operands: bool = False) -> float:
+  """FLOP/s of the best of `repeats` `size`x`size` matmuls on the first device: float32, or
+  with `bf16_operands` bfloat16 inputs and a float32 result (as `model.bf16_matmul`)."""
   device = jax.devices()[0]
-  a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
-  matmul = jax.jit(lambda x: x @ x)
+  dtype = jnp.bfloat16 if bf16_operands else jnp.float32
+  a = jax.device_put(jnp.ones((size, size), dtype), device)
+  matmul = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
   matmul(a).block_until_ready()
   best = float("inf")
   for _ in range(repeats):
@@ -71,14 +75,18 @@ def measure_cpu_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
   return 2.0 * size**3 / best
 
 
-def peak_flops(devices=None) -> tuple[float, str]:
-  """Peak FLOP/s of `devices` (default: all) and a short note on where it came from."""
+def peak_flops(devices=None, bf16_operands: bool = False) -> tuple[float, str]:
+  """Peak FLOP/s of `devices` (default: all) and a short note on where it came from.
+
+  On CPU the peak is measured for the model's matmul operand precision (`bf16_operands`).
+  """
   devices = devices or jax.devices()
   kind = devices[0].device_kind
   if devices[0].platform == "cpu":
     # Fake CPU devices share the same cores, so the host's peak is the peak of them all.
-    peak = measure_cpu_matmul_peak()
-    return peak, f"measured float32 matmul peak of this CPU: {peak / 1e9:.1f} GFLOP/s"
+    peak = measure_cpu_matmul_peak(bf16_operands=bf16_operands)
+    precision = "bfloat16-operand" if bf16_operands else "float32"
+    return peak, f"measured {precision} matmul peak of this CPU: {peak / 1e9:.1f} GFLOP/s"
   accelerator = hardware.by_device_kind(kind)
   if accelerator is not None:
     total = accelerator.peak_flops * len(devices)

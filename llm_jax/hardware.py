@@ -8,6 +8,9 @@ what a program can use once the runtime has taken its share.
 """
 
 import dataclasses
+import functools
+
+import jax
 
 from llm_jax.errors import UserError
 
@@ -58,3 +61,33 @@ def by_device_kind(device_kind: str) -> Accelerator | None:
   prefixes = [(len(k), a) for a in ACCELERATORS.values() for k in a.device_kinds
               if kind.startswith(k)]
   return max(prefixes, key=lambda p: p[0])[1] if prefixes else None
+
+
+# /proc/cpuinfo flags of a bfloat16 dot product instruction (x86: AVX512-BF16, AMX-BF16;
+# Arm: BF16).
+_BF16_DOT_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+@functools.cache
+def cpu_has_bf16_dot() -> bool:
+  """Whether JAX runs on CPU and the CPU reports a bfloat16 dot instruction.
+
+  Read from /proc/cpuinfo (Linux); elsewhere, or for other backends, False.
+  """
+  if jax.default_backend() != "cpu":
+    return False
+  try:
+    with open("/proc/cpuinfo") as cpuinfo:
+      return cpuinfo_has_bf16_dot(cpuinfo.read())
+  except OSError:
+    return False
+
+
+def cpuinfo_has_bf16_dot(cpuinfo: str) -> bool:
+  """Whether the first 'flags' (x86) or 'Features' (Arm) line of a /proc/cpuinfo text names
+  a bfloat16 dot product instruction."""
+  for line in cpuinfo.splitlines():
+    key, _, values = line.partition(":")
+    if key.strip() in ("flags", "Features"):
+      return not _BF16_DOT_CPU_FLAGS.isdisjoint(values.split())
+  return False

@@ -58,15 +58,18 @@ def as_on_accelerators(config):
   """`config` with the platform-dependent `auto` choices made as on an accelerator.
 
   The plan is compiled on fake CPU devices, where `auto` would take the CPU's choices
-  (causal attention blocks, every layer unrolled). An accelerator runs the layer loop rolled
-  and XLA's or cuDNN's attention; cuDNN cannot compile here, so XLA's dense attention
-  stands in for it, which makes the memory estimate pessimistic for cuDNN's flash kernel.
+  (causal attention blocks, every layer unrolled, bfloat16 matmul operands). An accelerator
+  runs the layer loop rolled, its own matmuls and XLA's or cuDNN's attention; cuDNN cannot
+  compile here, so XLA's dense attention stands in for it, which makes the memory estimate
+  pessimistic for cuDNN's flash kernel.
   """
   config = config.copy_and_resolve_references()
   if config.model.attention == "auto":
     config.model.attention = "xla"
   if config.model.scan_unroll == 0:
     config.model.scan_unroll = 1
+  if config.model.matmul_precision == "auto":
+    config.model.matmul_precision = "float32"
   return config
 
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -113,3 +115,76 @@ def test_auto_attention_picks_by_platform_and_dtype(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
     assert model_lib.attention_implementation("auto", dtype) == expected
   assert model_lib.attention_implementation("xla", "float32") == "xla"
+
+
+def _bf16_rounded(x):
+  return np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_bf16_matmul_rounds_every_operand_and_returns_float32(transpose_w):
+  """Forward and both gradients equal float64 matmuls of bf16-rounded operands (each product
+  of two bf16 numbers is exact in float32, so only float32 summation separates them)."""
+  from llm_jax.model import bf16_matmul
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 40)).astype(np.float32)
+  w_kn = rng.normal(size=(40, 7)).astype(np.float32)
+  w = w_kn.T.copy() if transpose_w else w_kn
+  g = rng.normal(size=(6, 7)).astype(np.float32)
+  y, vjp = jax.vjp(lambda x, w: bf16_matmul(x, w, transpose_w), x, w)
+  dx, dw = vjp(g)
+  assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+  x64, w64, g64 = _bf16_rounded(x), _bf16_rounded(w_kn), _bf16_rounded(g)
+  np.testing.assert_allclose(y, x64 @ w64, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, g64 @ w64.T, rtol=1e-5, atol=1e-5)
+  dw_kn = x64.T @ g64
+  np.testing.assert_allclose(dw, dw_kn.T if transpose_w else dw_kn, rtol=1e-5, atol=1e-5)
+  # The rounding is real: a float32 matmul differs by far more than float32 summation.
+  assert np.abs(np.asarray(y) - x.astype(np.float64) @ w_kn).max() > 1e-3
+
+
+def test_bf16_operands_model_stays_close_to_float32():
+  _, bf16_model, params = _model("model.matmul_precision=bfloat16")
+  _, f32_model, _ = _model("model.matmul_precision=float32")
+  tokens = np.random.default_rng(5).integers(0, 512, (2, 32)).astype(np.int32)
+
+  def loss(model, p):
+    logits = model.apply({"params": p}, tokens)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]),
+                                         tokens[:, 1:, None], axis=-1))
+
+  (loss16, grads16), (loss32, grads32) = [jax.value_and_grad(loss, argnums=1)(m, params)
+                                          for m in (bf16_model, f32_model)]
+  assert loss16 != loss32
+  assert abs(loss16 - loss32) < 1e-2 * loss32
+  flat16, flat32 = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
+                    for g in (grads16, grads32)]
+  cosine = flat16 @ flat32 / (np.linalg.norm(flat16) * np.linalg.norm(flat32))
+  assert cosine > 0.999
+
+
+def test_matmul_precision_auto_follows_the_cpu(monkeypatch):
+  from llm_jax import hardware
+  from llm_jax import model as model_lib
+  config = ModelConfig.from_config(_model()[0].model)
+  for has_bf16_dot in (True, False):
+    monkeypatch.setattr(hardware, "cpu_has_bf16_dot", lambda v=has_bf16_dot: v)
+    auto = dataclasses.replace(config, matmul_precision="auto")
+    assert model_lib.bf16_operands(auto) is has_bf16_dot
+    assert model_lib.bf16_operands(dataclasses.replace(config, matmul_precision="bfloat16"))
+    assert not model_lib.bf16_operands(dataclasses.replace(config, matmul_precision="float32"))
+    # bfloat16 activations have their own matmuls: the setting is for float32 models.
+    assert not model_lib.bf16_operands(dataclasses.replace(auto, dtype="bfloat16"))
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [
+    ("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n", True),
+    ("processor\t: 0\nflags\t\t: fpu avx2 amx_tile amx_bf16\n", True),
+    ("processor\t: 0\nflags\t\t: fpu avx2 fma avx512f\n", False),
+    ("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n", True),
+    ("processor\t: 0\nFeatures\t: fp asimd\n", False),
+    ("", False),
+])
+def test_cpuinfo_bf16_dot_flags(cpuinfo, expected):
+  from llm_jax import hardware
+  assert hardware.cpuinfo_has_bf16_dot(cpuinfo) is expected

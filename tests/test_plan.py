@@ -34,8 +34,9 @@ def _small(*overrides):
 
 
 def test_the_plan_makes_auto_choices_as_an_accelerator_would():
-  config = plan.as_on_accelerators(_small())
-  assert (config.model.attention, config.model.scan_unroll) == ("xla", 1)
+  config = plan.as_on_accelerators(_small("model.matmul_precision=auto"))
+  assert (config.model.attention, config.model.scan_unroll,
+          config.model.matmul_precision) == ("xla", 1, "float32")
   assert _small().model.attention == "auto"  # the caller's config is left as it was
 
 

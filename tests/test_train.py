@@ -16,10 +16,14 @@ def _rows(workdir):
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+# Trained with bfloat16 matmul operands, the CPU default where the CPU has bf16 dots.
+BF16 = "model.matmul_precision=bfloat16"
+
+
 @pytest.fixture(scope="module")
 def trained(text_corpus, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
-  config = tiny_config(f"data.source=files:{text_corpus}/*.py")
+  config = tiny_config(f"data.source=files:{text_corpus}/*.py", BF16)
   summary = train(config, workdir)
   return config, workdir, summary
 
@@ -50,7 +54,7 @@ def test_loss_falls(trained):
 
 def test_resume_continues_without_duplicate_rows(trained, text_corpus):
   config, workdir, _ = trained
-  longer = tiny_config(f"data.source=files:{text_corpus}/*.py", "train.steps=40")
+  longer = tiny_config(f"data.source=files:{text_corpus}/*.py", BF16, "train.steps=40")
   train(longer, workdir)
   steps = [r["step"] for r in _rows(workdir)]
   assert steps == [5, 10, 15, 20, 25, 30, 35, 40]

@@ -7,15 +7,20 @@
 The reference is what a user would otherwise pick: Hugging Face `LlamaForCausalLM` built
 from a `LlamaConfig` with the same vocabulary, width, layers, heads, kv heads, MLP width,
 tied embeddings, rotary theta and RMSNorm epsilon (the script checks that the parameter
-counts agree), trained in float32 eager mode with `torch.optim.AdamW` (same betas, epsilon,
+counts agree), trained in eager mode with `torch.optim.AdamW` (same betas, epsilon,
 weight decay on matrices only, warmup-cosine learning rate) and global-norm gradient
 clipping, on the same batch size and sequence length; the loss is the same mean next-token
-cross-entropy.
+cross-entropy. It runs twice: `pytorch` in float32 (PyTorch's default, and what the ratio is
+taken against), and `pytorch-bf16` under `torch.autocast("cpu", torch.bfloat16)`, PyTorch's
+mixed precision, for comparison with llm-jax's bfloat16 matmul operands on CPUs that have
+bfloat16 dot instructions (`model.matmul_precision`).
 
 Each framework runs in its own worker process (one process tree, one run) that builds and
-warms its step once and then, on request, times a block of `--steps` steps. The parent
-asks the two workers in turn, A B A B ... for `--rounds` rounds, so that other load on the
-machine falls on both alike, and reports the median step time of each and the ratio of
+warms its step once and then, on request, times a block of `--steps` steps. The llm-jax
+worker runs with the host malloc settings the `llm-jax` command uses
+(`llm_jax.host_memory`); the PyTorch workers with the environment as it is. The parent
+asks the workers in turn, A B C A B C ... for `--rounds` rounds, so that other load on the
+machine falls on all alike, and reports the median step time of each and the ratio of
 tokens/s (wall clock), with each process's CPU time per step beside it (on a shared machine
 the wall clock includes waiting for the cores; CPU time does not, though spin-waiting
 threads inflate it). Both get the same cores: XLA's CPU thread pool uses every core, and the PyTorch
@@ -31,7 +36,8 @@ import sys
 import time
 
 SHAPES = {"default": "configs/llama.py:default", "25m": "configs/llama.py:25m"}
-FRAMEWORKS = ("llm-jax", "pytorch")
+FRAMEWORKS = ("llm-jax", "pytorch", "pytorch-bf16")
+REFERENCE = "pytorch"
 
 
 def _load_config(shape: str, overrides: list[str]):
@@ -47,19 +53,24 @@ class _JaxStep:
     from llm_jax import bench, flops, sharding
     from llm_jax import config as config_lib
     config_lib.validate(config, jax.device_count())
+    from llm_jax import model
     self._timer = bench.TrainStepTimer(config, sharding.make_mesh(config.mesh))
     self.params = flops.param_counts(config.model)["params"]
     self.setup = {"compile_time_sec": self._timer.compile_time_sec,
-                  "jax": jax.__version__, "devices": jax.device_count()}
+                  "jax": jax.__version__, "devices": jax.device_count(),
+                  "bf16_matmul_operands": model.bf16_operands(
+                      model.ModelConfig.from_config(config.model)),
+                  "host_malloc": os.environ.get("LLM_JAX_HOST_MALLOC", "default")}
 
   def time_steps(self, steps: int) -> list[float]:
     return self._timer.time_steps(steps)
 
 
 class _TorchStep:
-  """Hugging Face LlamaForCausalLM + torch.optim.AdamW, eager float32 on the CPU."""
+  """Hugging Face LlamaForCausalLM + torch.optim.AdamW, eager on the CPU: float32, or with
+  `autocast` the forward and backward under torch.autocast to bfloat16."""
 
-  def __init__(self, config, threads: int):
+  def __init__(self, config, threads: int, autocast: bool = False):
     import math
 
     import torch
@@ -96,15 +107,17 @@ class _TorchStep:
     self.inputs, self.targets = tokens[:, :-1], tokens[:, 1:]
     self.grad_clip = t.grad_clip
     self._torch = torch
+    self._autocast = autocast
     self.setup = {"torch": torch.__version__, "transformers": transformers.__version__,
-                  "threads": torch.get_num_threads(),
+                  "threads": torch.get_num_threads(), "autocast_bf16": autocast,
                   "attention": self.model.config._attn_implementation}
 
   def _step(self):
     torch = self._torch
-    logits = self.model(input_ids=self.inputs).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                             self.targets.reshape(-1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._autocast):
+      logits = self.model(input_ids=self.inputs).logits
+      loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                               self.targets.reshape(-1))
     self.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if self.grad_clip > 0:
@@ -125,7 +138,10 @@ class _TorchStep:
 def _worker(args, overrides) -> None:
   """Builds one framework's step, warms it, then times a block of steps per stdin line."""
   config = _load_config(args.shape, overrides)
-  step = _JaxStep(config) if args.worker == "llm-jax" else _TorchStep(config, args.threads)
+  if args.worker == "llm-jax":
+    step = _JaxStep(config)
+  else:
+    step = _TorchStep(config, args.threads, autocast=args.worker == "pytorch-bf16")
   step.time_steps(2)  # warm-up: compilation, allocator, thread pools
   print(json.dumps({"params": step.params, **step.setup}), flush=True)
   for line in sys.stdin:
@@ -135,9 +151,14 @@ def _worker(args, overrides) -> None:
 
 
 def _start(framework, shape, args, overrides) -> tuple[subprocess.Popen, dict]:
+  from llm_jax import host_memory
   command = [sys.executable, __file__, "--worker", framework, "--shape", shape,
              "--threads", str(args.threads), *overrides]
-  process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  environment = None  # as it is
+  if framework == "llm-jax":
+    environment = host_memory.tuned_environment(os.environ)
+  process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env=environment)
   return process, json.loads(process.stdout.readline())
 
 
@@ -145,12 +166,12 @@ def _compare(shape, args, overrides) -> dict:
   config = _load_config(shape, overrides)
   m, t = config.model, config.train
   tokens_per_step = t.batch_size * m.context_length
-  workers = {f: _start(f, shape, args, overrides) for f in FRAMEWORKS}
+  workers = {f: _start(f, shape, args, overrides) for f in args.frameworks}
   counts = {f: setup["params"] for f, (_, setup) in workers.items()}
   if len(set(counts.values())) != 1:
     raise SystemExit(f"The two models differ in size: {counts}; the comparison is off.")
-  times = {f: [] for f in FRAMEWORKS}
-  cpu_per_step = {f: [] for f in FRAMEWORKS}
+  times = {f: [] for f in workers}
+  cpu_per_step = {f: [] for f in workers}
   for _ in range(args.rounds):
     for framework, (process, _) in workers.items():
       process.stdin.write(f"{args.steps}\n")
@@ -170,7 +191,10 @@ def _compare(shape, args, overrides) -> dict:
                          "tokens_per_sec": tokens_per_step / step_time,
                          "cpu_time_per_step_sec": statistics.median(cpu_per_step[framework]),
                          **{k: v for k, v in setup.items() if k != "params"}}
-  result["ratio"] = result["llm-jax"]["tokens_per_sec"] / result["pytorch"]["tokens_per_sec"]
+  for framework in workers:
+    if framework != "llm-jax":
+      result[f"ratio_to_{framework}"] = (result["llm-jax"]["tokens_per_sec"]
+                                         / result[framework]["tokens_per_sec"])
   return result
 
 
@@ -181,10 +205,15 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=2, help="steps timed per turn")
   parser.add_argument("--threads", type=int, default=os.cpu_count(),
                       help="PyTorch intra-op threads (default: every core, as XLA uses)")
+  parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS,
+                      help="llm-jax and the references to time (llm-jax is always timed)")
   parser.add_argument("--json", action="store_true", help="print one JSON object per shape")
   parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
   parser.add_argument("--shape", choices=list(SHAPES), help=argparse.SUPPRESS)
   args, overrides = parser.parse_known_args()
+  args.frameworks = ["llm-jax"] + [f for f in args.frameworks if f != "llm-jax"]
+  if len(args.frameworks) < 2:
+    parser.error("--frameworks needs at least one PyTorch reference beside llm-jax.")
   if args.worker:
     _worker(args, overrides)
     return
@@ -196,12 +225,14 @@ def main() -> None:
     print(f"{shape}: {result['params'] / 1e6:.1f}M params, batch {result['batch_size']} x "
           f"{result['context_length']} tokens, {result['dtype']}, median of "
           f"{args.rounds} x {args.steps} steps per framework, alternating")
-    for framework in FRAMEWORKS:
+    for framework in args.frameworks:
       r = result[framework]
-      print(f"  {framework:8s} {r['step_time_sec'] * 1e3:8.1f} ms/step "
+      print(f"  {framework:12s} {r['step_time_sec'] * 1e3:8.1f} ms/step "
             f"{r['tokens_per_sec']:10,.0f} tokens/s  (process CPU time "
             f"{r['cpu_time_per_step_sec'] * 1e3:.0f} ms/step)")
-    print(f"  llm-jax / pytorch tokens/s: {result['ratio']:.2f}x", flush=True)
+    for framework in args.frameworks[1:]:
+      print(f"  llm-jax / {framework} tokens/s: {result[f'ratio_to_{framework}']:.2f}x",
+            flush=True)
 
 
 if __name__ == "__main__":
