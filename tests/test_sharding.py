@@ -71,3 +71,26 @@ def test_gradient_accumulation_matches_full_batch(single_device_reference):
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
                params, ref_params)
+
+
+def test_bf16_matmul_operands_on_a_mesh_match_one_device():
+  """The bfloat16-operand matmuls' custom gradients under data, fsdp and tensor sharding.
+
+  Rounding operands to bfloat16 turns float32 summation-order differences between meshes
+  into occasional one-ulp bf16 differences, so the check is on the whole update, not on
+  each parameter: a wrong transpose or reduction would change it entirely.
+  """
+  bf16 = "model.matmul_precision=bfloat16"
+  ref_losses, ref_params, _ = _two_steps(tiny_config("mesh.fsdp=1", bf16), jax.devices()[:1])
+  losses, params, _ = _two_steps(
+      tiny_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", bf16), jax.devices())
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+  config = tiny_config("mesh.fsdp=1")
+  init = jax.device_get(state_lib.init_state(
+      Transformer(ModelConfig.from_config(config.model)), optimizer.make_optimizer(config.train),
+      sharding.make_mesh(config.mesh, jax.devices()[:1]), seed=0).params)
+  flat = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)])
+          for p in (init, ref_params, params)]
+  ref_update, update = flat[1] - flat[0], flat[2] - flat[0]
+  assert np.linalg.norm(ref_update) > 0
+  assert np.linalg.norm(update - ref_update) < 1e-2 * np.linalg.norm(ref_update)
