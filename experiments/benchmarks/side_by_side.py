@@ -2,7 +2,8 @@
 
     pip install -e '.[bench]'
     python experiments/benchmarks/side_by_side.py [--shapes default 25m] [--rounds 4] \
-        [--steps 2] [--threads N] [--json] [--config.KEY=VALUE ...]
+        [--steps 2] [--threads N] [--frameworks llm-jax pytorch pytorch-bf16] [--json] \
+        [--config.KEY=VALUE ...]
 
 The reference is what a user would otherwise pick: Hugging Face `LlamaForCausalLM` built
 from a `LlamaConfig` with the same vocabulary, width, layers, heads, kv heads, MLP width,
@@ -23,8 +24,8 @@ asks the workers in turn, A B C A B C ... for `--rounds` rounds, so that other l
 machine falls on all alike, and reports the median step time of each and the ratio of
 tokens/s (wall clock), with each process's CPU time per step beside it (on a shared machine
 the wall clock includes waiting for the cores; CPU time does not, though spin-waiting
-threads inflate it). Both get the same cores: XLA's CPU thread pool uses every core, and the PyTorch
-worker calls `torch.set_num_threads(--threads)` (default: the core count).
+threads inflate it). All get the same cores: XLA's CPU thread pool uses every core, and the
+PyTorch workers call `torch.set_num_threads(--threads)` (default: the core count).
 """
 
 import argparse
@@ -37,7 +38,6 @@ import time
 
 SHAPES = {"default": "configs/llama.py:default", "25m": "configs/llama.py:25m"}
 FRAMEWORKS = ("llm-jax", "pytorch", "pytorch-bf16")
-REFERENCE = "pytorch"
 
 
 def _load_config(shape: str, overrides: list[str]):
@@ -50,10 +50,9 @@ class _JaxStep:
 
   def __init__(self, config):
     import jax
-    from llm_jax import bench, flops, sharding
+    from llm_jax import bench, flops, model, sharding
     from llm_jax import config as config_lib
     config_lib.validate(config, jax.device_count())
-    from llm_jax import model
     self._timer = bench.TrainStepTimer(config, sharding.make_mesh(config.mesh))
     self.params = flops.param_counts(config.model)["params"]
     self.setup = {"compile_time_sec": self._timer.compile_time_sec,
@@ -169,7 +168,7 @@ def _compare(shape, args, overrides) -> dict:
   workers = {f: _start(f, shape, args, overrides) for f in args.frameworks}
   counts = {f: setup["params"] for f, (_, setup) in workers.items()}
   if len(set(counts.values())) != 1:
-    raise SystemExit(f"The two models differ in size: {counts}; the comparison is off.")
+    raise SystemExit(f"The models differ in size: {counts}; the comparison is off.")
   times = {f: [] for f in workers}
   cpu_per_step = {f: [] for f in workers}
   for _ in range(args.rounds):
