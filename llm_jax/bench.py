@@ -21,7 +21,7 @@ import numpy as np
 from llm_jax import config as config_lib
 from llm_jax import flops, generate, sharding
 from llm_jax.errors import UserError
-from llm_jax.model import ModelConfig, Transformer, bf16_operands
+from llm_jax.model import ModelConfig, Transformer
 from llm_jax.train import optimizer, state as state_lib, step as step_lib
 
 DECODE_BATCH_SIZES = (1, 8)
@@ -97,13 +97,14 @@ def _inference(config, model, params, repeats: int) -> dict:
   context = config.model.context_length
   prompt_length = max(1, context // 2)
   new_tokens = min(MAX_DECODE_TOKENS, context - prompt_length)
-  prefill = jax.jit(lambda p, tokens_BT: model.apply(
-      {"params": p}, tokens_BT, decode=True, mutable=["cache"]))
+  prefill = jax.jit(generate.prefill, static_argnames="model")  # generate's own prefill
   prefill_sec = {}
   for batch_size in sorted({PREFILL_BATCH_SIZE, *DECODE_BATCH_SIZES}):
     tokens_BT = jax.numpy.asarray(_prompts(config, batch_size, prompt_length), np.int32)
-    _median_seconds(lambda: prefill(params, tokens_BT), WARMUP_CALLS)
-    prefill_sec[batch_size] = _median_seconds(lambda: prefill(params, tokens_BT), repeats)
+    lengths_B = jax.numpy.full((batch_size,), prompt_length, np.int32)
+    call = lambda: prefill(params, model, tokens_BT, lengths_B)  # noqa: E731
+    _median_seconds(call, WARMUP_CALLS)
+    prefill_sec[batch_size] = _median_seconds(call, repeats)
   result = {
       "prefill_batch_size": PREFILL_BATCH_SIZE,
       "prefill_prompt_tokens": prompt_length,
@@ -137,8 +138,8 @@ def peak_memory_bytes(devices=None) -> int | None:
 def measure(config, steps: int, inference: bool = True, peak: float | None = None) -> dict:
   """Times `steps` train steps (and prefill and decode) of `config`; returns a flat dict.
 
-  `peak` is the FLOP/s the MFU is relative to; by default `flops.peak_flops()` (measured on
-  CPU, datasheet on accelerators).
+  `peak` is the FLOP/s the MFU is relative to; by default `flops.peak_flops` of the config's
+  model (measured on CPU, datasheet on accelerators).
   """
   config_lib.validate(config, jax.device_count())
   if steps < 1:
@@ -152,7 +153,7 @@ def measure(config, steps: int, inference: bool = True, peak: float | None = Non
     inference_result = (_inference(config, timer.model, timer.state.params, steps)
                         if inference else {})
   if peak is None:
-    peak, peak_note = flops.peak_flops(bf16_operands=bf16_operands(ModelConfig.from_config(m)))
+    peak, peak_note = flops.peak_flops(model_config=m)
   else:
     peak_note = "given"
   tokens_per_sec = timer.tokens_per_step / step_time

@@ -27,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from llm_jax import hardware
+from llm_jax import hardware, model
 
 
 def param_counts(model_config) -> dict[str, int]:
@@ -75,15 +75,18 @@ def measure_cpu_matmul_peak(size: int = 1024, repeats: int = 5,
   return 2.0 * size**3 / best
 
 
-def peak_flops(devices=None, bf16_operands: bool = False) -> tuple[float, str]:
+def peak_flops(devices=None, model_config=None) -> tuple[float, str]:
   """Peak FLOP/s of `devices` (default: all) and a short note on where it came from.
 
-  On CPU the peak is measured for the model's matmul operand precision (`bf16_operands`).
+  On CPU the peak is measured for the matmul operand precision of `model_config` (the
+  `model` section of a config; float32 without one).
   """
   devices = devices or jax.devices()
   kind = devices[0].device_kind
   if devices[0].platform == "cpu":
     # Fake CPU devices share the same cores, so the host's peak is the peak of them all.
+    bf16_operands = model_config is not None and model.bf16_operands(
+        model.ModelConfig.from_config(model_config))
     peak = measure_cpu_matmul_peak(bf16_operands=bf16_operands)
     precision = "bfloat16-operand" if bf16_operands else "float32"
     return peak, f"measured {precision} matmul peak of this CPU: {peak / 1e9:.1f} GFLOP/s"

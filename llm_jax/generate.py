@@ -22,7 +22,7 @@ from llm_jax.errors import UserError
 from llm_jax.model import Transformer
 
 
-def _prefill(params, model: Transformer, prompt_BP, lengths_B):
+def prefill(params, model: Transformer, prompt_BP, lengths_B):
   """Caches the prompts' keys and values; returns (cache, each row's next-token logits)."""
   B, P = prompt_BP.shape
   positions_BP = jnp.broadcast_to(jnp.arange(P), (B, P))
@@ -42,7 +42,7 @@ def _decode_one(params, model: Transformer, cache, token_B, positions_B):
 def _generate(params, prompt_BP, lengths_B, key, temperature, top_p, *, model, steps, top_k,
               eos_id):
   B = prompt_BP.shape[0]
-  cache, next_logits_BV = _prefill(params, model, prompt_BP, lengths_B)
+  cache, next_logits_BV = prefill(params, model, prompt_BP, lengths_B)
 
   def keep_going(carry):
     i, _, _, _, done_B, _ = carry
@@ -131,7 +131,7 @@ def _reorder_rows(cache, rows_R):
 @functools.partial(jax.jit, static_argnames=("model", "steps", "beams", "eos_id"))
 def _beam_search(params, prompt_BP, lengths_B, length_penalty, *, model, steps, beams, eos_id):
   B, W = prompt_BP.shape[0], beams
-  cache, logits_BV = _prefill(params, model, prompt_BP, lengths_B)
+  cache, logits_BV = prefill(params, model, prompt_BP, lengths_B)
   cache = _reorder_rows(cache, jnp.repeat(jnp.arange(B), W))  # row b*W + w is beam w of b
   log_probs_BWV = jnp.repeat(jax.nn.log_softmax(logits_BV.astype(jnp.float32))[:, None], W, 1)
   V = log_probs_BWV.shape[-1]

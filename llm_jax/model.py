@@ -125,7 +125,7 @@ def bf16_matmul(x_MK, w, transpose_w: bool = False):
   activations, gradients and optimizer stay float32. Every matmul here is in a layout that
   XLA:CPU's fast bf16 kernels take (contracting the left operand's last axis).
   """
-  return _bf16_dot(x_MK, w, 1, 1 if transpose_w else 0)
+  return _bf16_matmul_forward(x_MK, w, transpose_w)[0]
 
 
 def _bf16_matmul_forward(x_MK, w, transpose_w):

@@ -23,7 +23,7 @@ from llm_jax.checkpoint import Checkpointer
 from llm_jax.data import pipeline, sources
 from llm_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from llm_jax.errors import UserError
-from llm_jax.model import ModelConfig, Transformer, bf16_operands
+from llm_jax.model import ModelConfig, Transformer
 from llm_jax.sharding import is_primary
 from llm_jax.train import optimizer, state as state_lib, step as step_lib
 from llm_jax.train.metrics import MetricsWriter
@@ -211,7 +211,7 @@ def _train(config, workdir: pathlib.Path, requests: _Requests) -> dict:
     tmp.write_text(config_json)
     tmp.replace(workdir / "config.json")
 
-  peak, peak_note = flops.peak_flops(bf16_operands=bf16_operands(ModelConfig.from_config(m)))
+  peak, peak_note = flops.peak_flops(model_config=m)
   log(f"MFU is relative to the {peak_note}; {flops.flops_per_token(m) / 1e6:.1f} MFLOPs/token")
   writer = MetricsWriter(workdir, start_step)
   tokens_per_step = t.batch_size * m.context_length
