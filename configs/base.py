@@ -46,6 +46,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   t.eps = 1e-8  # AdamW epsilon
   t.grad_clip = 1.0  # clip gradients to this global norm (0 disables clipping)
   t.seed = 0  # seed of parameter init, data order and sampling
+  t.init_from = ""  # run directory (or its checkpoints/STEP) whose parameters start a new run
   t.log_every = 10  # steps between rows of metrics.jsonl
   t.eval_every = 200  # steps between validation evaluations (0: only at the end)
   t.eval_tokens = 16_384  # validation input positions per evaluation (same set every time)

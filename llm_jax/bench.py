@@ -1,7 +1,7 @@
 """Throughput of the real train step, prefill and decode for a config (`llm-jax bench`).
 
-The train step is the one `llm-jax train` runs (`compile_steps` on the sharded state of
-`init_state`), fed a synthetic batch of the training shapes and shardings, so the numbers
+The train step is the one `llm-jax train` runs (`llm_jax.train.builder.build`, on a sharded
+fresh state), fed a synthetic batch of the training shapes and shardings, so the numbers
 measure the model and optimizer, not the input pipeline. Every timed call ends in
 `block_until_ready`, the first calls (compilation, warm-up) are not timed, and the reported
 time is the median over the timed calls.
@@ -9,7 +9,8 @@ time is the median over the timed calls.
 Prefill is one jitted cached forward pass over a batch of prompts of half the context;
 decode is `llm_jax.generate.generate` with an end-of-sequence id that never occurs, so every
 step runs, minus the prefill of the same batch, per generated token. FLOPs per token and MFU
-come from `llm_jax.flops` (on CPU against a matmul peak measured in the same run).
+come from `llm_jax.flops`, the peak from `llm_jax.hardware` (on CPU a matmul peak measured in
+the same run).
 """
 
 import statistics
@@ -19,10 +20,9 @@ import jax
 import numpy as np
 
 from llm_jax import config as config_lib
-from llm_jax import flops, generate, sharding
+from llm_jax import flops, generate, hardware, sharding
 from llm_jax.errors import UserError
-from llm_jax.model import ModelConfig, Transformer
-from llm_jax.train import optimizer, state as state_lib, step as step_lib
+from llm_jax.train import builder
 
 DECODE_BATCH_SIZES = (1, 8)
 PREFILL_BATCH_SIZE = 8
@@ -64,24 +64,20 @@ class TrainStepTimer:
   """
 
   def __init__(self, config, mesh):
-    t = config.train
-    self.model = Transformer(ModelConfig.from_config(config.model))
-    tx = optimizer.make_optimizer(t)
-    train_step, _ = step_lib.compile_steps(self.model, tx, optimizer.learning_rate_schedule(t),
-                                           mesh, t.grad_accum_steps)
-    self.state = state_lib.init_state(self.model, tx, mesh, t.seed)
-    self.batch = synthetic_batch(config, mesh, t.seed)
+    self.built = builder.build(config_lib.resolve(config), mesh)
+    self.state = self.built.init_state()
+    self.batch = synthetic_batch(config, mesh, config.train.seed)
     start = time.perf_counter()
     with sharding.activate(mesh):
-      self._step = train_step.lower(self.state, self.batch).compile()
+      self._step = self.built.train_step.lower(self.state, self.batch, None).compile()
     self.compile_time_sec = time.perf_counter() - start
-    self.tokens_per_step = t.batch_size * config.model.context_length
+    self.tokens_per_step = config.train.batch_size * config.model.context_length
 
   def time_steps(self, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
       start = time.perf_counter()
-      self.state, metrics = self._step(self.state, self.batch)
+      self.state, metrics = self._step(self.state, self.batch, None)
       jax.block_until_ready((self.state, metrics))
       times.append(time.perf_counter() - start)
     return times
@@ -138,8 +134,8 @@ def peak_memory_bytes(devices=None) -> int | None:
 def measure(config, steps: int, inference: bool = True, peak: float | None = None) -> dict:
   """Times `steps` train steps (and prefill and decode) of `config`; returns a flat dict.
 
-  `peak` is the FLOP/s the MFU is relative to; by default `flops.peak_flops` of the config's
-  model (measured on CPU, datasheet on accelerators).
+  `peak` is the FLOP/s the MFU is relative to; by default `hardware.peak_flops` for the
+  config's model (measured on CPU, datasheet on accelerators).
   """
   config_lib.validate(config, jax.device_count())
   if steps < 1:
@@ -150,10 +146,11 @@ def measure(config, steps: int, inference: bool = True, peak: float | None = Non
   timer.time_steps(WARMUP_CALLS)
   step_time = statistics.median(timer.time_steps(steps))
   with sharding.activate(mesh):
-    inference_result = (_inference(config, timer.model, timer.state.params, steps)
+    inference_result = (_inference(config, timer.built.model, timer.state.params, steps)
                         if inference else {})
   if peak is None:
-    peak, peak_note = flops.peak_flops(model_config=m)
+    peak, peak_note = hardware.peak_flops(
+        bf16_operands=timer.built.model.config.bf16_operands)
   else:
     peak_note = "given"
   tokens_per_sec = timer.tokens_per_step / step_time

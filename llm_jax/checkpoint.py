@@ -3,10 +3,11 @@
 A checkpoint is `WORKDIR/checkpoints/<step>/` with three items:
 
 - `state`: the sharded TrainState, written by every process (Orbax/tensorstore);
-- `data`: each process's data-iterator state, one JSON file per process. Restoring merges
-  every process's file, so a run with another process count still finds the state of each
-  of its streams (see `llm_jax.data.pipeline.StreamBatches`);
-- `meta`: the resolved config and the tokenizer, to validate a restore and to rebuild the run.
+- `data`: each process's batch-source state, one JSON file per process. A source that
+  merges them (`merge_states`, as the text pipeline's streams do) resumes under another
+  process count too;
+- `meta`: the run's config (`auto` choices unresolved) and tokenizer, to validate a restore
+  and to rebuild the run.
 
 Saves are asynchronous: `save` blocks only while the arrays are copied off the device and
 the small items are written, and training continues while Orbax writes the arrays. A step
@@ -27,27 +28,44 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
+from jax.experimental import multihost_utils
+
+from llm_jax import config as config_lib
+from llm_jax.distributed import is_primary
+from llm_jax.errors import UserError
 
 
 class _DataHandler(grain.checkpoint.CheckpointHandler):
-  """One JSON file per process, as Grain writes them; restored from every process's files."""
+  """One JSON file per process, as Grain writes them.
+
+  On restore, a batch source that can resume under another process count merges every
+  process's state itself (`merge_states`); any other gets the state of its own process.
+  """
 
   def save(self, directory: epath.Path, item=None, args=None):
     state = (item or args.item).get_state()
-    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    (pathlib.Path(directory) / name).write_text(json.dumps(state))
+    (pathlib.Path(directory) / _process_file()).write_text(json.dumps(state))
 
   def restore(self, directory: epath.Path, item=None, args=None):
     iterator = item or args.item
-    files = sorted(pathlib.Path(directory).glob("process_*-of-*.json"))
+    files = {f.name: f for f in pathlib.Path(directory).glob("process_*-of-*.json")}
     if not files:
       raise FileNotFoundError(f"no data-iterator state in {directory}")
-    states = [json.loads(f.read_text()) for f in files]
-    merged = {"layout": states[0].get("layout"), "streams": {}}
-    for state in states:
-      merged["streams"].update(state.get("streams", {}))
-    iterator.set_state(merged)
+    if hasattr(iterator, "merge_states"):
+      state = iterator.merge_states([json.loads(files[name].read_text())
+                                     for name in sorted(files)])
+    elif _process_file() in files:
+      state = json.loads(files[_process_file()].read_text())
+    else:
+      raise UserError(f"The saved data position in {directory} was written by another number "
+                      f"of processes ({', '.join(sorted(files))}); resume with that many.")
+    iterator.set_state(state)
     return iterator
+
+
+def _process_file() -> str:
+  return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
 
 @ocp.args.register_with_handler(_DataHandler, for_save=True)
@@ -72,6 +90,7 @@ class Checkpointer:
   def __init__(self, directory: pathlib.Path, keep: int = 1, keep_steps=(),
                read_only: bool = False):
     self.directory = pathlib.Path(directory).absolute()
+    self.read_only = read_only
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=keep),
         ocp.checkpoint_managers.CustomSteps(steps=list(keep_steps))])
@@ -130,6 +149,11 @@ class Checkpointer:
             partial_restore=True)))
     return restored.state["params"]
 
+  def param_shapes(self, step: int) -> dict:
+    """The saved parameters' shapes (a pytree of tuples), read from metadata alone."""
+    tree = self._manager.item_metadata(step)["state"]
+    return jax.tree.map(lambda leaf: tuple(leaf.shape), getattr(tree, "tree", tree)["params"])
+
   def set_aside(self, step: int) -> pathlib.Path:
     """Moves a damaged checkpoint out of the way (never deletes it); returns where to."""
     damaged = self.directory.parent / "damaged_checkpoints"
@@ -144,3 +168,104 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def saved_steps(directory) -> list[int]:
+  """Steps of the complete checkpoints in `directory`; creates and changes nothing."""
+  directory = pathlib.Path(directory)
+  return Checkpointer(directory, read_only=True).steps() if directory.is_dir() else []
+
+
+def restore_newest(checkpointer: Checkpointer, restore, log, steps=None):
+  """(restore(step), step) of the newest checkpoint that reads, or (None, 0) if none does.
+
+  A checkpoint that fails to read (truncated or missing files, unreadable metadata) is
+  reported and the one before it is tried; a writable checkpointer first moves it to
+  WORKDIR/damaged_checkpoints (never deletes it), a read-only one leaves it where it is. A
+  `UserError` from `restore` (say, a checkpoint of another model) is raised, not damage.
+  `steps` limits the search to those steps.
+  """
+  for step in reversed(checkpointer.steps() if steps is None else steps):
+    try:
+      return restore(step), step
+    except UserError:
+      raise
+    except Exception as e:  # any failure to read a checkpoint means it cannot be used
+      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      moved = ""
+      if not checkpointer.read_only:
+        target = checkpointer.set_aside(step) if is_primary() else None
+        if jax.process_count() > 1:
+          multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        moved = f"moved it to {target} and "
+      log(f"The checkpoint at step {step} cannot be read ({reason}); {moved}trying the one "
+          "before it")
+  return None, 0
+
+
+@dataclasses.dataclass
+class InitSource:
+  """The checkpoint a new run takes its parameters from (`train.init_from`); only read."""
+  checkpointer: Checkpointer
+  step: int
+  config: Any  # the source run's config
+  tokenizer: bytes  # its tokenizer (SentencePiece model bytes)
+
+  @property
+  def location(self) -> str:
+    """Where the parameters come from: the checkpoint's own directory."""
+    return str(self.checkpointer.directory / str(self.step))
+
+  def check_shapes(self, params, config) -> None:
+    """Refuses when a parameter of `params` (arrays or ShapeDtypeStructs of `config`'s model)
+    has another shape in the source, naming the config keys that differ."""
+    source_shapes = traverse_util.flatten_dict(self.checkpointer.param_shapes(self.step))
+    for path, value in traverse_util.flatten_dict(params).items():
+      if path in source_shapes and source_shapes[path] != value.shape:
+        differences = config_lib.model_differences(self.config, config)
+        raise UserError(
+            f"train.init_from={self.location} has parameter {'/'.join(path)} of shape "
+            f"{source_shapes[path]}, this model's is {value.shape} "
+            f"({'; '.join(differences) or 'same model keys'}); start from a run of the "
+            "same architecture or change those keys back.")
+
+  def params(self, fresh_params, config, log) -> dict:
+    """`fresh_params` (a new, sharded initialisation of `config`'s model) with every parameter
+    the source also has replaced by the source's values, resharded onto the same shardings.
+
+    A parameter of another shape is refused (`check_shapes`); one the new model has and the
+    source lacks (a new head) keeps its fresh values, and one only the source has is left
+    out; both are named in the log.
+    """
+    self.check_shapes(fresh_params, config)
+    source_shapes = traverse_util.flatten_dict(self.checkpointer.param_shapes(self.step))
+    fresh = traverse_util.flatten_dict(fresh_params)
+    shared = {path: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+              for path, v in fresh.items() if path in source_shapes}
+    restored = traverse_util.flatten_dict(self.checkpointer.restore_params(
+        self.step, traverse_util.unflatten_dict(shared)))
+    for what, paths in (("kept its fresh initialisation", fresh.keys() - source_shapes.keys()),
+                        ("was left out", source_shapes.keys() - fresh.keys())):
+      if paths:
+        names = ", ".join(sorted("/".join(p) for p in paths))
+        log(f"Not in both models, so {what}: {names}")
+    return traverse_util.unflatten_dict({**fresh, **restored})
+
+
+def open_init_source(path, log) -> InitSource:
+  """The newest readable checkpoint of the run directory `path`, or the checkpoint directory
+  `path` (RUN/checkpoints/STEP) itself."""
+  path = pathlib.Path(path)
+  if (path / "checkpoints").is_dir():
+    directory, steps = path / "checkpoints", None
+  elif path.parent.name == "checkpoints" and path.name.isdigit() and path.is_dir():
+    directory, steps = path.parent, [int(path.name)]
+  else:
+    raise UserError(f"train.init_from={path} is not a run directory with checkpoints; point "
+                    "it at the --workdir of a finished run (or its checkpoints/STEP).")
+  checkpointer = Checkpointer(directory, read_only=True)
+  meta, step = restore_newest(checkpointer, checkpointer.metadata, log, steps)
+  if meta is None:
+    raise UserError(f"train.init_from={path} has no readable checkpoint; point it at a run "
+                    "that saved one.")
+  return InitSource(checkpointer, step, config_lib.from_json(meta["config"]), meta["tokenizer"])

@@ -193,6 +193,50 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                     "choose an fsdp size that divides it.")
 
 
+# Model keys whose 'auto' is decided by the platform the run is on (`resolve`).
+PLATFORM_KEYS = ("attention", "matmul_precision", "scan_unroll")
+
+
+def resolve(config: ml_collections.ConfigDict, platform: str | None = None
+            ) -> ml_collections.ConfigDict:
+  """A copy of `config` with every `auto` choice made for `platform` (default: JAX's backend).
+
+  - `model.attention`: cuDNN flash attention on GPUs for bfloat16 models (it takes only 16-bit
+    inputs), the causal-block kernel on CPUs (it skips the masked-out half of the scores,
+    which XLA:CPU otherwise computes), XLA's fused attention elsewhere.
+  - `model.matmul_precision`: bfloat16 operands on CPUs with bfloat16 dot instructions, where
+    they about double matmul speed (a TPU's default float32 precision); float32 elsewhere.
+  - `model.scan_unroll` 0: every layer unrolled on CPU, where the scan's bookkeeping (zero-
+    filled stacks of saved activations, dynamic slices) is about a fifth of a small model's
+    step; rolled on accelerators, where the matmuls dwarf it and compiles of deep models stay
+    short. Parameters stay stacked either way.
+
+  Only the model is built from the result; saved configs keep `auto`, so a run resumed on
+  other hardware decides again.
+  """
+  if platform is None:
+    import jax  # only here: importing this module must not start JAX
+    platform = jax.default_backend()
+  resolved = config.copy_and_resolve_references()
+  m = resolved.model
+  if m.attention == "auto":
+    m.attention = ("cudnn" if platform == "gpu" and m.dtype == "bfloat16"
+                   else "xla_blocked" if platform == "cpu" else "xla")
+  if m.matmul_precision == "auto":
+    from llm_jax import hardware
+    m.matmul_precision = ("bfloat16" if platform == "cpu" and hardware.cpu_has_bf16_dot()
+                          else "float32")
+  if m.scan_unroll == 0:
+    m.scan_unroll = m.num_layers if platform == "cpu" else 1
+  m.scan_unroll = min(m.scan_unroll, m.num_layers)
+  return resolved
+
+
+def describe_resolved(resolved: ml_collections.ConfigDict) -> str:
+  """The platform choices of a resolved config, for the log."""
+  return ", ".join(f"model.{key}={resolved.model[key]}" for key in PLATFORM_KEYS)
+
+
 def resolve_mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   """Returns {axis: size} with a -1 axis filled by the remaining devices."""
   sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
@@ -233,8 +277,15 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(text))
 
 
+# Model keys that change how the parameters are computed with, not what they are or compute;
+# they may change between runs of one workdir, and between a run and its init_from.
+EXECUTION_ONLY_MODEL_KEYS = ("dtype", "remat_policy", "attention", "attention_block_size",
+                             "scan_unroll", "matmul_precision")
+
+
 def model_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> list[str]:
-  """Model keys whose values differ, as 'model.key: a -> b' strings."""
-  keys = sorted(set(a.model.keys()) | set(b.model.keys()))
+  """Model keys whose values differ, as 'model.key: a -> b' strings, leaving out the
+  execution-only ones."""
+  keys = sorted((set(a.model.keys()) | set(b.model.keys())) - set(EXECUTION_ONLY_MODEL_KEYS))
   return [f"model.{k}: {a.model.get(k)!r} -> {b.model.get(k)!r}"
           for k in keys if a.model.get(k) != b.model.get(k)]

@@ -3,7 +3,7 @@
 Every process of a multi-host run executes the same `llm-jax train` command; `initialize`
 must run before anything else touches JAX, and then `jax.devices()` lists the devices of all
 processes, so the mesh, the jitted steps and Orbax checkpoints span them all. Process 0 writes
-logs and metrics (`sharding.is_primary`), and each process reads its own share of the data
+logs and metrics (`is_primary`, `log`), and each process reads its own share of the data
 (the pipeline splits by `jax.process_index()`).
 
 Where the processes learn about each other (the `distributed` config section):
@@ -31,6 +31,17 @@ _SLURM_STEP_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", 
 # the chips' device ids (v3, v4, v5p, v5e, v6e, 7x and one unnamed generation).
 _GOOGLE_PCI_VENDOR = "0x1ae0"
 _TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
+
+
+def is_primary() -> bool:
+  """Whether this process writes logs, metrics and files that exist once per run."""
+  return jax.process_index() == 0
+
+
+def log(message: str) -> None:
+  """A line on standard error, from process 0 only."""
+  if is_primary():
+    print(message, file=sys.stderr, flush=True)
 
 
 def detect_cluster(environ=os.environ, pci_devices="/sys/bus/pci/devices") -> str | None:

@@ -3,8 +3,8 @@
 Each document is scored as it is trained on, `[bos] text [eos]`: every next-token prediction
 counts once, the end of the document included. A document longer than the context is cut
 into rows that overlap by one token (`pipeline.document_rows`), each scored without the text
-before it. The loss is the training loss (`llm_jax.loss`), summed on the device and added up
-in float64 on the host.
+before it. The loss is the training loss (`objectives.next_token`) through the same jitted
+function as training's evaluation, summed on the device and added up in float64 on the host.
 
   loss           = sum of token losses (nats) / tokens scored
   perplexity     = exp(loss)
@@ -14,18 +14,13 @@ in float64 on the host.
 import math
 from collections.abc import Iterable
 
-import jax
-
 from llm_jax import sharding
 from llm_jax.data import pipeline
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import UserError
-from llm_jax.loss import summed_loss
 from llm_jax.model import Transformer
-
-# Module level, with the model static: repeated scoring (a notebook, several file sets) reuses
-# one compiled function per model and batch shape instead of compiling on every call.
-_summed_loss = jax.jit(summed_loss, static_argnames="model")
+from llm_jax.objectives import evaluate_batch
+from llm_jax.objectives.next_token import NEXT_TOKEN
 
 
 def score_texts(params, model: Transformer, tokenizer: Tokenizer, texts: Iterable[str], *,
@@ -51,8 +46,8 @@ def score_texts(params, model: Transformer, tokenizer: Tokenizer, texts: Iterabl
   loss_sum = count = 0.0
   with sharding.activate(mesh):
     for batch in pipeline.scoring_batches(rows, row_length, batch_size):
-      batch_loss, batch_count = _summed_loss(params, model=model,
-                                             batch=sharding.global_batch(batch, mesh))
+      batch_loss, batch_count, _ = evaluate_batch(
+          params, sharding.global_batch(batch, mesh), objective=NEXT_TOKEN, model=model)
       loss_sum += float(batch_loss)
       count += float(batch_count)
   loss = loss_sum / count

@@ -1,7 +1,8 @@
 """Plan a run on paper: compile the real train step for a mesh and report size, memory, speed.
 
 `plan(config, num_devices)` builds the same jitted train step that `llm-jax train` runs
-(`llm_jax.train.step.compile_steps`), feeds it abstract parameters, optimizer state and a
+(`llm_jax.train.builder.build`, with the platform choices resolved for the target
+accelerator), feeds it abstract parameters, optimizer state and a
 batch (`jax.ShapeDtypeStruct`s carrying their shardings, so no parameter is ever
 materialised) and compiles it ahead of time for a mesh of `num_devices` devices. On a laptop
 those are fake CPU devices (`--xla_force_host_platform_device_count`); the CLI arranges that.
@@ -27,16 +28,12 @@ import math
 import time
 
 import jax
-import jax.numpy as jnp
 
 from llm_jax import config as config_lib
 from llm_jax import flops, hardware, sharding
 from llm_jax.errors import UserError
 from llm_jax.model import ModelConfig, Transformer
-from llm_jax.train import optimizer, state as state_lib, step as step_lib
-
-_BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
-                 "positions": jnp.int32, "weights": jnp.float32}
+from llm_jax.train import builder
 
 
 def model_param_counts(config) -> dict[str, int]:
@@ -45,49 +42,33 @@ def model_param_counts(config) -> dict[str, int]:
   Counted from the parameter tree itself, independently of `flops.param_counts`'s formula,
   so the two can check each other.
   """
-  model = Transformer(ModelConfig.from_config(config.model))
-  abstract, _ = state_lib.state_logical_specs(model, optimizer.make_optimizer(config.train))
+  model = Transformer(ModelConfig.from_config(config_lib.resolve(config, "tpu").model))
+  params, _ = sharding.logical_params(model)
   sizes = {name: sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(subtree))
-           for name, subtree in abstract.params.items()}
+           for name, subtree in params.items()}
   return {"params": sum(sizes.values()),
           "params_non_embedding": sum(n for name, n in sizes.items()
                                       if name not in ("embedding", "lm_head"))}
 
 
-def as_on_accelerators(config):
-  """`config` with the platform-dependent `auto` choices made as on an accelerator.
+def for_accelerator(config, accelerator: hardware.Accelerator | None):
+  """`config` resolved for the accelerator it is planned for (a TPU when none is named).
 
-  The plan is compiled on fake CPU devices, where `auto` would take the CPU's choices
-  (causal attention blocks, every layer unrolled, bfloat16 matmul operands). An accelerator
-  runs the layer loop rolled, its own matmuls and XLA's or cuDNN's attention; cuDNN cannot
-  compile here, so XLA's dense attention stands in for it, which makes the memory estimate
-  pessimistic for cuDNN's flash kernel.
+  cuDNN's flash attention cannot compile on the CPU devices the plan is compiled on, so
+  XLA's dense attention stands in for it, which makes the memory estimate pessimistic there.
   """
-  config = config.copy_and_resolve_references()
-  if config.model.attention == "auto":
-    config.model.attention = "xla"
-  if config.model.scan_unroll == 0:
-    config.model.scan_unroll = 1
-  if config.model.matmul_precision == "auto":
-    config.model.matmul_precision = "float32"
-  return config
+  resolved = config_lib.resolve(config, accelerator.platform if accelerator else "tpu")
+  if resolved.model.attention == "cudnn":
+    resolved.model.attention = "xla"
+  return resolved
 
 
 def _compile_train_step(config, devices):
-  """The ahead-of-time compiled train step of `config` on a mesh over `devices`."""
+  """The ahead-of-time compiled train step of a resolved `config` on a mesh over `devices`."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  model = Transformer(ModelConfig.from_config(config.model))
-  t = config.train
-  tx = optimizer.make_optimizer(t)
-  train_step, _ = step_lib.compile_steps(model, tx, optimizer.learning_rate_schedule(t), mesh,
-                                         t.grad_accum_steps)
-  state = state_lib.abstract_with_shardings(model, tx, mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
-  shape = (t.batch_size, config.model.context_length)
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-           for k, dtype in _BATCH_DTYPES.items()}
+  built = builder.build(config, mesh)
   with sharding.activate(mesh):
-    return train_step.lower(state, batch).compile()
+    return built.train_step.lower(built.abstract_state(), built.abstract_batch(), None).compile()
 
 
 def _cost_flops(compiled) -> float:
@@ -127,7 +108,7 @@ def plan(config, num_devices: int, hardware_name: str | None = None, target_mfu:
     raise UserError(f"--devices={num_devices} but this process has {jax.device_count()} "
                     "devices; run `llm-jax plan` from a fresh process, which makes them.")
   config_lib.validate(config, num_devices)
-  config = as_on_accelerators(config)
+  config = for_accelerator(config, accelerator)
   devices = jax.devices()[:num_devices]
   m, t = config.model, config.train
 

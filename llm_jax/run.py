@@ -15,23 +15,23 @@ It never writes to the run directory. Token-level work is in `llm_jax.generate` 
 import dataclasses
 import math
 import pathlib
-import sys
 from collections.abc import Iterator, Sequence
 
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from llm_jax import checkpoint, sampling, sharding
 from llm_jax import config as config_lib
 from llm_jax import evaluate as evaluate_lib
 from llm_jax import generate as generate_lib
-from llm_jax import sampling, sharding
-from llm_jax.checkpoint import Checkpointer
+from llm_jax.data import files as files_lib
 from llm_jax.data import sources
+from llm_jax.data.documents import Documents
 from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.distributed import log
 from llm_jax.errors import UserError
 from llm_jax.model import ModelConfig, Transformer
-from llm_jax.train import state as state_lib
 
 # New tokens when none are asked for: the rest of the context, but at most this many.
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -140,7 +140,7 @@ class Run:
     `batch_size` (default: the run's) is rounded up to divide over the mesh.
     """
     if files:
-      documents = [sources.open_all_files(files, self.config.data.text_key)]
+      documents = [files_lib.open_all_files(files, self.config.data.text_key)]
     else:
       documents = [source.validation for source, _ in sources.open_sources(self.config.data)]
     data_parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -183,7 +183,7 @@ def _chunks(items: list, size: int) -> Iterator[list]:
     yield items[start:start + size]
 
 
-def _each_document(collections: list[sources.Documents]) -> Iterator[str]:
+def _each_document(collections: list[Documents]) -> Iterator[str]:
   for documents in collections:
     for index in range(len(documents)):
       yield documents[index]
@@ -213,24 +213,20 @@ def load_run(workdir, mesh_overrides: Sequence[str] = ()) -> Run:
   """
   workdir = pathlib.Path(workdir)
   directory = workdir / "checkpoints"
-  checkpointer = Checkpointer(directory, read_only=True) if directory.is_dir() else None
-  steps = checkpointer.steps() if checkpointer else []
-  if not steps:
+  if not checkpoint.saved_steps(directory):
     raise UserError(f"{workdir} has no checkpoint; train one with `llm-jax train --workdir "
                     f"{workdir}` or point --workdir at a run directory.")
-  for step in reversed(steps):
-    try:
-      meta = checkpointer.metadata(step)
-      config = config_lib.from_json(meta["config"])
-      mesh = _inference_mesh(config, mesh_overrides)
-      model = Transformer(ModelConfig.from_config(config.model))
-      params = checkpointer.restore_params(step, state_lib.abstract_params(model, mesh))
-      tokenizer = Tokenizer(meta["tokenizer"])
-      return Run(workdir, step, config, model, params, tokenizer, mesh)
-    except UserError:
-      raise
-    except Exception as e:  # any failure to read a checkpoint: fall back to the one before
-      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-      print(f"The checkpoint at step {step} could not be read ({reason}); trying the one "
-            "before it", file=sys.stderr)
-  raise UserError(f"No checkpoint in {directory} could be read; see the messages above.")
+  checkpointer = checkpoint.Checkpointer(directory, read_only=True)
+
+  def load(step):
+    meta = checkpointer.metadata(step)
+    config = config_lib.from_json(meta["config"])
+    mesh = _inference_mesh(config, mesh_overrides)
+    model = Transformer(ModelConfig.from_config(config_lib.resolve(config).model))
+    params = checkpointer.restore_params(step, sharding.abstract_params(model, mesh))
+    return Run(workdir, step, config, model, params, Tokenizer(meta["tokenizer"]), mesh)
+
+  run, _ = checkpoint.restore_newest(checkpointer, load, log)
+  if run is None:
+    raise UserError(f"No checkpoint in {directory} could be read; see the messages above.")
+  return run

@@ -11,6 +11,7 @@ import contextlib
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -29,12 +30,7 @@ LOGICAL_RULES = (
     ("layers", None),
 )
 
-BATCH_AXES = ("batch", "length")
-
-
-def is_primary() -> bool:
-  """Whether this process writes logs, metrics and files that exist once per run."""
-  return jax.process_index() == 0
+TOKEN_AXES = ("batch", "length")
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
@@ -61,16 +57,49 @@ def logical_to_sharding(logical_specs, mesh: Mesh):
   return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of a [batch, length] input array."""
-  return NamedSharding(mesh, nn.logical_to_mesh_axes(BATCH_AXES, LOGICAL_RULES))
+def batch_sharding(mesh: Mesh, axes=TOKEN_AXES) -> NamedSharding:
+  """Sharding of an input array with logical `axes` (default: a [batch, length] array)."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(axes, LOGICAL_RULES))
+
+
+def batch_shardings(objective, mesh: Mesh) -> dict[str, NamedSharding]:
+  """Sharding of each array of a batch of `objective` (`llm_jax.objectives.Objective`)."""
+  return {name: batch_sharding(mesh, axes) for name, (_, axes) in objective.batch.items()}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles each host's rows of the batch into global arrays sharded over the mesh."""
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, shardings=None
+                 ) -> dict[str, jax.Array]:
+  """Assembles each host's rows of the batch into global arrays sharded over the mesh.
+
+  `shardings` maps each array to its sharding (`batch_shardings`); by default every array is
+  a [batch, length] one.
+  """
+  return {k: jax.make_array_from_process_local_data(
+      shardings[k] if shardings else batch_sharding(mesh), v) for k, v in local_batch.items()}
+
+
+def logical_params(model):
+  """(abstract parameters, their logical PartitionSpecs) of a model; nothing is allocated."""
+  def init(rng):
+    return model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  # Not nn.meta.unbox: under an active mesh it would apply sharding constraints to shapes.
+  params = jax.tree.map(lambda x: x.value, boxed,
+                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  return params, nn.get_partition_spec(boxed)
+
+
+def with_shardings(abstract, shardings):
+  """ShapeDtypeStructs of `abstract` carrying `shardings`: targets to restore or compile for."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def abstract_params(model, mesh: Mesh):
+  """The parameters of `model` as ShapeDtypeStructs with their shardings on `mesh`."""
+  params, specs = logical_params(model)
+  return with_shardings(params, logical_to_sharding(specs, mesh))

@@ -325,15 +325,10 @@ def _prepare_shared_tokenizer(sweep: Sweep, members: list[Member],
   path = sweep_dir / "tokenizer.model"
   if _base_sets_tokenizer(sweep) or path.exists():
     return
-  from llm_jax.data import sources
-  from llm_jax.data.tokenizer import train_tokenizer
+  from llm_jax.data import sources, tokenizer
   config = members[0].config
-  mixture = sources.open_sources(config.data)
-  print(f"Training the sweep's shared {config.model.vocab_size}-piece tokenizer", file=sys.stderr)
-  tokenizer = train_tokenizer(
-      sources.text_sample(mixture, config.data.tokenizer_sample_bytes, config.train.seed),
-      config.model.vocab_size)
-  tokenizer.save(path)
+  print("The sweep's members share one tokenizer:", file=sys.stderr)
+  tokenizer.for_run(config, sources.open_sources(config.data)).save(path)
 
 
 def describe(members: list[Member]) -> str:

@@ -5,6 +5,8 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Broadcasting arrays of different ranks must be written out (x[:, None]), never implicit.
+os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
 
 import hashlib  # noqa: E402
 import pathlib  # noqa: E402
@@ -13,7 +15,10 @@ import sysconfig  # noqa: E402
 import pytest  # noqa: E402
 
 from llm_jax import config as config_lib  # noqa: E402
+from llm_jax import sharding  # noqa: E402
 from llm_jax.data.tokenizer import train_tokenizer  # noqa: E402
+from llm_jax.model import ModelConfig, Transformer  # noqa: E402
+from llm_jax.train import builder  # noqa: E402
 
 TINY_OVERRIDES = [
     "model.vocab_size=512", "model.d_model=64", "model.num_layers=2", "model.num_heads=8",
@@ -31,6 +36,16 @@ TINY_OVERRIDES = [
 def tiny_config(*extra: str):
   """A ~100k-parameter model that compiles and steps in well under a second."""
   return config_lib.load_config(None, [*TINY_OVERRIDES, *extra])
+
+
+def model_of(config) -> Transformer:
+  """The model a run of `config` builds on this platform."""
+  return Transformer(ModelConfig.from_config(config_lib.resolve(config).model))
+
+
+def build(config, devices=None) -> builder.Built:
+  """What a run of `config` computes with, on a mesh over `devices` (default: all)."""
+  return builder.build(config_lib.resolve(config), sharding.make_mesh(config.mesh, devices))
 
 
 def data_config(*overrides: str):

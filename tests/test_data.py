@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llm_jax import cli
-from llm_jax.data import pipeline, sources
+from llm_jax.data import documents, pipeline, sources
 from llm_jax.errors import UserError
 
 from conftest import data_config
@@ -172,8 +172,8 @@ def test_builtin_split_is_fixed_and_disjoint():
 
 def test_held_out_records_partition_the_split():
   docs = [str(i) for i in range(23)]
-  held = sources.HeldOut(docs, 5, held=True)
-  kept = sources.HeldOut(docs, 5, held=False)
+  held = documents.HeldOut(docs, 5, held=True)
+  kept = documents.HeldOut(docs, 5, held=False)
   held_items = [held[i] for i in range(len(held))]
   kept_items = [kept[i] for i in range(len(kept))]
   assert held_items == ["0", "5", "10", "15", "20"]

@@ -18,10 +18,9 @@ from llm_jax import checkpoint, sharding
 from llm_jax.data import pipeline, sources
 from llm_jax.data.tokenizer import load_tokenizer
 from llm_jax.errors import UserError
-from llm_jax.model import ModelConfig, Transformer
-from llm_jax.train import loop, optimizer, state as state_lib, step as step_lib
+from llm_jax.train import loop
 
-from conftest import TINY_OVERRIDES, tiny_config
+from conftest import TINY_OVERRIDES, build, tiny_config
 
 RUN_STEPS = 120
 
@@ -137,16 +136,15 @@ def test_damaged_newest_checkpoint_is_set_aside_for_the_previous(short_run, tmp_
   workdir = tmp_path / "run"
   shutil.copytree(original, workdir)
   damage(workdir / "checkpoints" / "20")
-  model = Transformer(ModelConfig.from_config(config.model))
-  tx = optimizer.make_optimizer(config.train)
-  mesh = sharding.make_mesh(config.mesh)
+  built = build(config)
   run_tokenizer = load_tokenizer(workdir / "tokenizer.model")
   iterator = iter(pipeline.training_dataset(
       [(source.train, w) for source, w in sources.open_sources(config.data)], run_tokenizer,
       config.model.context_length, config.train.batch_size, seed=config.train.seed))
   checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", 3)
-  state, step = loop.restore_newest(checkpointer, config,
-                                    state_lib.abstract_with_shardings(model, tx, mesh), iterator)
+  state, step = checkpoint.restore_newest(
+      checkpointer, lambda step: checkpointer.restore(step, built.abstract_state(), iterator),
+      print)
   checkpointer.close()
   assert step == 15 and int(state.step) == 15
   # The damaged checkpoint was moved, not deleted; the valid ones are all still there.
@@ -180,10 +178,7 @@ def test_training_resumes_past_a_damaged_checkpoint(short_run, text_corpus, tmp_
 def test_checkpoint_from_8_devices_restores_onto_another_mesh(tmp_path, tokenizer,
                                                               target_mesh, devices):
   config = tiny_config("mesh.fsdp=8")
-  model = Transformer(ModelConfig.from_config(config.model))
-  tx = optimizer.make_optimizer(config.train)
-  source_mesh = sharding.make_mesh(config.mesh)
-  state = state_lib.init_state(model, tx, source_mesh, seed=3)
+  state = build(config).init_state()
   iterator = iter(pipeline.training_dataset([([f"doc {i}" for i in range(8)], 1.0)], tokenizer,
                                             32, 8, seed=0))
   writer = checkpoint.Checkpointer(tmp_path, 2)
@@ -193,9 +188,9 @@ def test_checkpoint_from_8_devices_restores_onto_another_mesh(tmp_path, tokenize
 
   for key, value in target_mesh.items():
     config.mesh[key] = value
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:devices])
+  target = build(config, jax.devices()[:devices])
   reader = checkpoint.Checkpointer(tmp_path, 2)
-  restored = reader.restore(1, state_lib.abstract_with_shardings(model, tx, mesh), iterator)
+  restored = reader.restore(1, target.abstract_state(), iterator)
   assert reader.metadata(1)["tokenizer"] == b"tokenizer"
   reader.close()
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.params)):
@@ -228,18 +223,14 @@ def test_data_position_restores_under_another_process_count(tokenizer, tmp_path)
 
 def test_a_nan_batch_leaves_the_state_unchanged(tokenizer):
   config = tiny_config()
-  model = Transformer(ModelConfig.from_config(config.model))
-  tx = optimizer.make_optimizer(config.train)
-  mesh = sharding.make_mesh(config.mesh)
-  train_step, _ = step_lib.compile_steps(model, tx, optimizer.learning_rate_schedule(
-      config.train), mesh, 1)
-  state = state_lib.init_state(model, tx, mesh, seed=0)
+  built = build(config)
+  state = built.init_state()
   before = jax.device_get(state.params)
   batch = next(iter(pipeline.training_dataset([(["some words here"] * 8, 1.0)], tokenizer,
                                               32, 8, seed=0)))
   batch["weights"][0, 0] = np.nan
-  with sharding.activate(mesh):
-    state, metrics = train_step(state, sharding.global_batch(batch, mesh))
+  with sharding.activate(built.mesh):
+    state, metrics = built.train_step(state, built.global_batch(batch), None)
   assert bool(metrics["nonfinite"]) and int(state.skipped) == 1 and int(state.step) == 1
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(a, np.asarray(b))

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from llm_jax import config as config_lib
 from llm_jax import flops
 from llm_jax.model import ModelConfig, Transformer
 
@@ -13,7 +14,7 @@ from conftest import tiny_config
 
 
 def _model_config(*overrides):
-  return tiny_config(*overrides).model
+  return config_lib.resolve(tiny_config(*overrides)).model
 
 
 def test_flops_per_token_matches_a_hand_count_including_attention():

@@ -8,16 +8,15 @@ import pytest
 from llm_jax import sampling, sharding
 from llm_jax.errors import UserError
 from llm_jax.generate import beam_search, generate, next_token_probs
-from llm_jax.model import ModelConfig, Transformer
 from llm_jax.train import optimizer, state as state_lib
 
-from conftest import tiny_config
+from conftest import model_of, tiny_config
 
 EOS = 3
 
 
 def _model(*overrides):
-  return Transformer(ModelConfig.from_config(tiny_config(*overrides).model))
+  return model_of(tiny_config(*overrides))
 
 
 @pytest.fixture(scope="module")

@@ -37,12 +37,12 @@ def _cli(capsys, *argv):
 
 
 def test_loading_restores_the_trained_parameters_and_writes_nothing(workdir, run):
+  from llm_jax import config as config_lib
   from llm_jax.checkpoint import Checkpointer
-  from llm_jax.train import optimizer, state as state_lib
+  from llm_jax.train import builder
   assert run.step == 10
-  tx = optimizer.make_optimizer(run.config.train)
-  full = Checkpointer(workdir / "checkpoints").restore(
-      10, state_lib.abstract_with_shardings(run.model, tx, run.mesh), _NoData())
+  built = builder.build(config_lib.resolve(run.config), run.mesh)
+  full = Checkpointer(workdir / "checkpoints").restore(10, built.abstract_state(), _NoData())
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.params),
                jax.device_get(full.params))
   before = snapshot(workdir)

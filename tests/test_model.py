@@ -1,5 +1,3 @@
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,14 +5,15 @@ import numpy as np
 import pytest
 
 from llm_jax import flops
-from llm_jax.model import ModelConfig, Transformer, apply_rotary
+from llm_jax import config as config_lib
+from llm_jax.model import ModelConfig, apply_rotary
 
-from conftest import tiny_config
+from conftest import model_of, tiny_config
 
 
 def _model(*overrides):
   c = tiny_config(*overrides)
-  model = Transformer(ModelConfig.from_config(c.model))
+  model = model_of(c)
   tokens = jnp.zeros((1, c.model.context_length), jnp.int32)
   params = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
   return c, model, params
@@ -85,6 +84,55 @@ def test_packed_documents_do_not_see_each_other():
   assert not np.allclose(unmasked[0, 12:], alone_b[0], atol=1e-3)
 
 
+def _loss_and_grads(model, params, tokens):
+  def loss(p):
+    logits = model.apply({"params": p}, tokens)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]),
+                                         tokens[:, 1:, None], axis=-1))
+  return jax.value_and_grad(loss)(params)
+
+
+def _unstacked(params, num_layers):
+  """Scanned parameters (one stack of layers) as the unscanned model names them."""
+  layers = {f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], params["layers"])
+            for i in range(num_layers)}
+  return {**{k: v for k, v in params.items() if k != "layers"}, **layers}
+
+
+def _assert_trees_close(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(
+      x, y, rtol=1e-5, atol=1e-6 * float(np.abs(y).max())), a, b)
+
+
+@pytest.mark.parametrize("variant", ["model.scan_unroll=2", "model.scan_layers=false"])
+def test_scanned_and_unrolled_layers_give_the_same_logits_and_gradients(variant):
+  c, rolled, params = _model("model.scan_unroll=1")
+  _, other, _ = _model(variant)
+  tokens = np.random.default_rng(6).integers(0, 512, (2, 32)).astype(np.int32)
+  other_params = params if c.model.scan_layers and "scan_layers" not in variant else \
+      _unstacked(params, c.model.num_layers)
+  np.testing.assert_allclose(other.apply({"params": other_params}, tokens),
+                             rolled.apply({"params": params}, tokens), rtol=1e-5, atol=1e-5)
+  (loss, grads), (other_loss, other_grads) = [
+      _loss_and_grads(m, p, tokens) for m, p in ((rolled, params), (other, other_params))]
+  assert other_loss == pytest.approx(float(loss), rel=1e-6)
+  if "scan_layers" in variant:
+    grads = _unstacked(grads, c.model.num_layers)
+  _assert_trees_close(other_grads, grads)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_each_remat_policy_gives_the_loss_and_gradients_of_none(policy, scan):
+  _, plain, params = _model(f"model.scan_layers={scan}")
+  _, remat, _ = _model(f"model.scan_layers={scan}", f"model.remat_policy={policy}")
+  tokens = np.random.default_rng(7).integers(0, 512, (2, 32)).astype(np.int32)
+  (loss, grads), (remat_loss, remat_grads) = [_loss_and_grads(m, params, tokens)
+                                              for m in (plain, remat)]
+  assert remat_loss == pytest.approx(float(loss), rel=1e-6)
+  _assert_trees_close(remat_grads, grads)
+
+
 @pytest.mark.parametrize("block_size", [8, 5, 64])
 def test_blocked_attention_equals_dense_attention_with_packing(block_size):
   """Query blocks (also ragged ones, and one block for all) change nothing, not even grads."""
@@ -108,13 +156,27 @@ def test_blocked_attention_equals_dense_attention_with_packing(block_size):
       a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()), *grads)
 
 
-def test_auto_attention_picks_by_platform_and_dtype(monkeypatch):
-  from llm_jax import model as model_lib
-  for backend, dtype, expected in (("cpu", "float32", "xla_blocked"), ("gpu", "bfloat16", "cudnn"),
-                                   ("gpu", "float32", "xla"), ("tpu", "bfloat16", "xla")):
-    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
-    assert model_lib.attention_implementation("auto", dtype) == expected
-  assert model_lib.attention_implementation("xla", "float32") == "xla"
+@pytest.mark.parametrize("platform, dtype, expected", [
+    ("cpu", "float32", "xla_blocked"), ("gpu", "bfloat16", "cudnn"), ("gpu", "float32", "xla"),
+    ("tpu", "bfloat16", "xla")])
+def test_auto_attention_is_resolved_by_platform_and_dtype(platform, dtype, expected):
+  config = tiny_config("model.attention=auto", f"model.dtype={dtype}")
+  assert config_lib.resolve(config, platform).model.attention == expected
+  assert config.model.attention == "auto"  # the saved config keeps 'auto'
+  pinned = tiny_config("model.attention=xla", f"model.dtype={dtype}")
+  assert config_lib.resolve(pinned, platform).model.attention == "xla"
+
+
+@pytest.mark.parametrize("platform, unroll, expected", [
+    ("cpu", 0, 2), ("gpu", 0, 1), ("tpu", 0, 1), ("tpu", 5, 2), ("cpu", 1, 1)])
+def test_scan_unroll_is_resolved_by_platform(platform, unroll, expected):
+  config = tiny_config(f"model.scan_unroll={unroll}")  # two layers
+  assert config_lib.resolve(config, platform).model.scan_unroll == expected
+
+
+def test_the_model_refuses_unresolved_auto_values():
+  with pytest.raises(ValueError, match="resolve"):
+    ModelConfig.from_config(tiny_config("model.attention=auto").model)
 
 
 def _bf16_rounded(x):
@@ -125,7 +187,7 @@ def _bf16_rounded(x):
 def test_bf16_matmul_rounds_every_operand_and_returns_float32(transpose_w):
   """Forward and both gradients equal float64 matmuls of bf16-rounded operands (each product
   of two bf16 numbers is exact in float32, so only float32 summation separates them)."""
-  from llm_jax.model import bf16_matmul
+  from llm_jax.kernels import bf16_matmul
   rng = np.random.default_rng(0)
   x = rng.normal(size=(6, 40)).astype(np.float32)
   w_kn = rng.normal(size=(40, 7)).astype(np.float32)
@@ -165,16 +227,17 @@ def test_bf16_operands_model_stays_close_to_float32():
 
 def test_matmul_precision_auto_follows_the_cpu(monkeypatch):
   from llm_jax import hardware
-  from llm_jax import model as model_lib
-  config = ModelConfig.from_config(_model()[0].model)
   for has_bf16_dot in (True, False):
     monkeypatch.setattr(hardware, "cpu_has_bf16_dot", lambda v=has_bf16_dot: v)
-    auto = dataclasses.replace(config, matmul_precision="auto")
-    assert model_lib.bf16_operands(auto) is has_bf16_dot
-    assert model_lib.bf16_operands(dataclasses.replace(config, matmul_precision="bfloat16"))
-    assert not model_lib.bf16_operands(dataclasses.replace(config, matmul_precision="float32"))
-    # bfloat16 activations have their own matmuls: the setting is for float32 models.
-    assert not model_lib.bf16_operands(dataclasses.replace(auto, dtype="bfloat16"))
+    auto = tiny_config("model.matmul_precision=auto")
+    assert config_lib.resolve(auto, "cpu").model.matmul_precision == (
+        "bfloat16" if has_bf16_dot else "float32")
+    assert config_lib.resolve(auto, "gpu").model.matmul_precision == "float32"
+    pinned = config_lib.resolve(tiny_config("model.matmul_precision=bfloat16"), "gpu")
+    assert ModelConfig.from_config(pinned.model).bf16_operands
+  # bfloat16 activations have their own matmuls: the setting is for float32 models.
+  bf16_model = tiny_config("model.matmul_precision=bfloat16", "model.dtype=bfloat16")
+  assert not ModelConfig.from_config(config_lib.resolve(bf16_model).model).bf16_operands
 
 
 @pytest.mark.parametrize("cpuinfo, expected", [

@@ -33,8 +33,13 @@ def _small(*overrides):
                      *overrides)
 
 
-def test_the_plan_makes_auto_choices_as_an_accelerator_would():
-  config = plan.as_on_accelerators(_small("model.matmul_precision=auto"))
+@pytest.mark.parametrize("hardware_name, dtype", [(None, "float32"), ("tpu-v5p", "bfloat16"),
+                                                  ("h100", "bfloat16")])
+def test_the_plan_makes_auto_choices_as_the_accelerator_would(hardware_name, dtype):
+  accelerator = hardware.by_name(hardware_name) if hardware_name else None
+  config = plan.for_accelerator(_small("model.matmul_precision=auto", "model.attention=auto",
+                                       f"model.dtype={dtype}"), accelerator)
+  # cuDNN (the H100's choice for bfloat16) cannot compile on CPU; XLA's attention stands in.
   assert (config.model.attention, config.model.scan_unroll,
           config.model.matmul_precision) == ("xla", 1, "float32")
   assert _small().model.attention == "auto"  # the caller's config is left as it was
@@ -52,7 +57,7 @@ def test_plan_of_a_small_config_reports_counts_flops_and_memory():
   # XLA counts a loop body once, so its count of the scanned layers is extrapolated from one
   # and two unrolled layers: it must equal XLA's count of all three layers unrolled...
   unrolled = plan._compile_train_step(
-      plan.as_on_accelerators(_small(*mesh, "model.scan_layers=false")), jax.devices())
+      plan.for_accelerator(_small(*mesh, "model.scan_layers=false"), None), jax.devices())
   assert result["xla_flops_per_step"] == pytest.approx(8 * plan._cost_flops(unrolled), rel=1e-4)
   # ...and, without remat, land near the 6N + attention formula.
   assert result["xla_flops_per_step"] == pytest.approx(result["flops_per_step"], rel=0.15)
@@ -128,7 +133,7 @@ def test_unknown_device_kind_has_no_peak():
 def test_mfu_peak_comes_from_the_hardware_table():
   class TpuV5e:  # what jax.devices() returns on a v5e slice, as far as peak_flops looks
     platform, device_kind = "tpu", "TPU v5 lite"
-  peak, note = flops.peak_flops([TpuV5e()] * 4)
+  peak, note = hardware.peak_flops([TpuV5e()] * 4)
   assert peak == 4 * hardware.by_name("tpu-v5e").peak_flops
   assert "TPU v5 lite" in note
 

@@ -5,10 +5,8 @@ import numpy as np
 import pytest
 
 from llm_jax import sharding
-from llm_jax.model import ModelConfig, Transformer
-from llm_jax.train import optimizer, state as state_lib, step as step_lib
 
-from conftest import tiny_config
+from conftest import build, tiny_config
 
 
 def _batch(config, seed=0):
@@ -29,16 +27,12 @@ def _batch(config, seed=0):
 
 
 def _two_steps(config, devices):
-  mesh = sharding.make_mesh(config.mesh, devices)
-  model = Transformer(ModelConfig.from_config(config.model))
-  tx = optimizer.make_optimizer(config.train)
-  schedule = optimizer.learning_rate_schedule(config.train)
-  train_step, _ = step_lib.compile_steps(model, tx, schedule, mesh, config.train.grad_accum_steps)
-  state = state_lib.init_state(model, tx, mesh, seed=0)
+  built = build(config, devices)
+  state = built.init_state()
   losses = []
-  with sharding.activate(mesh):
+  with sharding.activate(built.mesh):
     for seed in (0, 1):
-      state, metrics = train_step(state, sharding.global_batch(_batch(config, seed), mesh))
+      state, metrics = built.train_step(state, built.global_batch(_batch(config, seed)), None)
       losses.append(float(metrics["loss"]))
   return losses, jax.device_get(state.params), state
 
@@ -86,9 +80,7 @@ def test_bf16_matmul_operands_on_a_mesh_match_one_device():
       tiny_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", bf16), jax.devices())
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
   config = tiny_config("mesh.fsdp=1")
-  init = jax.device_get(state_lib.init_state(
-      Transformer(ModelConfig.from_config(config.model)), optimizer.make_optimizer(config.train),
-      sharding.make_mesh(config.mesh, jax.devices()[:1]), seed=0).params)
+  init = jax.device_get(build(config, jax.devices()[:1]).init_state().params)
   flat = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)])
           for p in (init, ref_params, params)]
   ref_update, update = flat[1] - flat[0], flat[2] - flat[0]

@@ -3,6 +3,8 @@
 import json
 import math
 
+import jax
+import numpy as np
 import pytest
 
 from llm_jax import cli
@@ -97,3 +99,65 @@ def test_cli_bad_input_exits_2_with_one_line(args, words, tmp_path, capsys):
   assert code == 2
   assert len(errors) == 1 and words in errors[0] and "Traceback" not in err, err
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+# --- train.init_from --------------------------------------------------------------------------
+
+def _params(workdir):
+  from llm_jax.run import load_run
+  return jax.device_get(load_run(workdir).params)
+
+
+def test_init_from_starts_a_new_run_from_the_parameters_only(trained, text_corpus, tmp_path):
+  config, source, _ = trained
+  before = snapshot(source)
+  new = tmp_path / "continued"
+  # Continued pretraining at a longer context with another RoPE base keeps every shape.
+  summary = train(tiny_config(f"data.source=files:{text_corpus}/*.py", BF16, "train.steps=5",
+                              "train.warmup_steps=1", "train.learning_rate=1e-9",
+                              "model.context_length=64", "model.rope_theta=20000",
+                              "train.sample_tokens=0", f"train.init_from={source}"), new)
+  assert snapshot(source) == before  # the source run is only read
+  saved = json.loads((new / "config.json").read_text())
+  newest = max(int(p.name) for p in (source / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved["train"]["init_from"] == str((source / "checkpoints" / str(newest)).absolute())
+  assert (new / "tokenizer.model").read_bytes() == (source / "tokenizer.model").read_bytes()
+  # A learning rate of 1e-9 leaves the parameters where they started: the source's.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), _params(new),
+               _params(source))
+  rows = _rows(new)
+  assert [r["step"] for r in rows] == [5]  # step 0, fresh optimizer and schedule
+  assert rows[0]["loss"] < math.log(config.model.vocab_size) - 1.5  # not a random model
+  assert summary["val_loss"] < math.log(config.model.vocab_size) - 1.5
+
+
+def test_init_from_initialises_a_new_head_fresh_and_names_it(trained, text_corpus, tmp_path,
+                                                              capsys):
+  _, source, _ = trained
+  train(tiny_config(f"data.source=files:{text_corpus}/*.py", "train.steps=2",
+                    "train.warmup_steps=1", "train.sample_tokens=0",
+                    "model.tie_embeddings=false", f"train.init_from={source}"), tmp_path / "n")
+  assert "kept its fresh initialisation: lm_head" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, words", [
+    ("model.d_model=128", "model.d_model: 64 -> 128"),
+    ("model.num_layers=3", "model.num_layers: 2 -> 3"),
+])
+def test_init_from_refuses_other_shapes_naming_the_keys(trained, text_corpus, tmp_path, change,
+                                                       words):
+  _, source, _ = trained
+  before = snapshot(source)
+  with pytest.raises(UserError, match=words):
+    train(tiny_config(f"data.source=files:{text_corpus}/*.py", change,
+                      f"train.init_from={source}"), tmp_path / "n")
+  assert snapshot(source) == before
+  assert not (tmp_path / "n").exists()  # refused before anything was written
+
+
+def test_init_from_a_directory_without_checkpoints_exits_2(tmp_path, capsys):
+  (tmp_path / "empty").mkdir()
+  code = cli.main(["train", "--workdir", str(tmp_path / "w"),
+                   f"--config.train.init_from={tmp_path / 'empty'}"])
+  err = capsys.readouterr().err
+  assert code == 2 and "not a run directory with checkpoints" in err and "Traceback" not in err

@@ -18,8 +18,7 @@ import jax
 from llm_jax import config as config_lib
 from llm_jax import flops, sharding
 from llm_jax.checkpoint import Checkpointer
-from llm_jax.model import ModelConfig, Transformer
-from llm_jax.train import optimizer, state as state_lib
+from llm_jax.train import builder
 
 
 class _DataPosition:
@@ -35,10 +34,7 @@ def main():
   parser.add_argument("--saves", type=int, default=3)
   args = parser.parse_args()
   config = config_lib.load_config(args.config, [])
-  model = Transformer(ModelConfig.from_config(config.model))
-  tx = optimizer.make_optimizer(config.train)
-  mesh = sharding.make_mesh(config.mesh)
-  state = state_lib.init_state(model, tx, mesh, seed=0)
+  state = builder.build(config_lib.resolve(config), sharding.make_mesh(config.mesh)).init_state()
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   blocked, total = [], []
   with tempfile.TemporaryDirectory() as directory:

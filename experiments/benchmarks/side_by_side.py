@@ -50,15 +50,14 @@ class _JaxStep:
 
   def __init__(self, config):
     import jax
-    from llm_jax import bench, flops, model, sharding
+    from llm_jax import bench, flops, sharding
     from llm_jax import config as config_lib
     config_lib.validate(config, jax.device_count())
     self._timer = bench.TrainStepTimer(config, sharding.make_mesh(config.mesh))
     self.params = flops.param_counts(config.model)["params"]
     self.setup = {"compile_time_sec": self._timer.compile_time_sec,
                   "jax": jax.__version__, "devices": jax.device_count(),
-                  "bf16_matmul_operands": model.bf16_operands(
-                      model.ModelConfig.from_config(config.model)),
+                  "bf16_matmul_operands": self._timer.built.model.config.bf16_operands,
                   "host_malloc": os.environ.get("LLM_JAX_HOST_MALLOC", "default")}
 
   def time_steps(self, steps: int) -> list[float]:

@@ -2,8 +2,7 @@
 
 import time
 
-from llm_jax.data import pipeline, sources
-from llm_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from llm_jax.data import pipeline, sources, tokenizer as tokenizer_lib
 
 
 def measure(config, batches: int) -> dict:
@@ -17,8 +16,7 @@ def measure(config, batches: int) -> dict:
   mixture = sources.open_sources(d)
   index_sec = time.perf_counter() - start
   start = time.perf_counter()
-  tokenizer: Tokenizer = (load_tokenizer(d.tokenizer) if d.tokenizer else train_tokenizer(
-      sources.text_sample(mixture, d.tokenizer_sample_bytes, t.seed), m.vocab_size))
+  tokenizer = tokenizer_lib.for_run(config, mixture)
   tokenizer_sec = time.perf_counter() - start
 
   iterator = iter(pipeline.training_dataset(

@@ -28,7 +28,7 @@ import grain
 import grain.experimental
 import numpy as np
 
-from llm_jax.data.sources import Documents
+from llm_jax.data.documents import Documents
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import UserError
 
@@ -238,6 +238,15 @@ class _StreamBatchesIterator(grain.DatasetIterator):
   def get_state(self) -> dict:
     return {"layout": self._layout,
             "streams": {str(s): it.get_state() for s, it in self._streams.items()}}
+
+  @staticmethod
+  def merge_states(states: list[dict]) -> dict:
+    """One state from the states every process of a run saved: each holds its own streams,
+    so a run with another process count still finds each of its streams' state."""
+    merged = {"layout": states[0].get("layout"), "streams": {}}
+    for state in states:
+      merged["streams"].update(state.get("streams", {}))
+    return merged
 
   def set_state(self, state: dict) -> None:
     saved = state.get("layout")

@@ -14,7 +14,8 @@ import os
 import pathlib
 import re
 
-from llm_jax.data import sources
+from llm_jax.data import files
+from llm_jax.data.documents import HeldOut, Source
 from llm_jax.errors import UserError
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -50,7 +51,7 @@ class TfdsDocuments:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def open_tfds(spec: str, data_dir: str, text_key: str, val_fraction: float) -> sources.Source:
+def open_tfds(spec: str, data_dir: str, text_key: str, val_fraction: float) -> Source:
   tfds = _tfds()
   name, split = parse_spec(spec)
   data_dir = os.path.expanduser(data_dir)
@@ -87,16 +88,16 @@ def open_tfds(spec: str, data_dir: str, text_key: str, val_fraction: float) -> s
   validation_split = next((s for s in ("validation", "test") if s in splits and s != split), None)
   description = f"TFDS {name} ({split}) in {where}"
   if validation_split:
-    return sources.Source(spec, train, documents(validation_split),
+    return Source(spec, train, documents(validation_split),
                           f"{description}, validation from its {validation_split!r} split")
   every = max(2, round(1 / val_fraction))  # config validation keeps 0 < val_fraction < 1
-  return sources.Source(spec, sources.HeldOut(train, every, held=False),
-                        sources.HeldOut(train, every, held=True),
+  return Source(spec, HeldOut(train, every, held=False),
+                        HeldOut(train, every, held=True),
                         f"{description}, validation = every {every}th record")
 
 
 def prepare(pattern: str, name: str, data_dir: str, text_key: str,
-            val_fraction: float) -> sources.Source:
+            val_fraction: float) -> Source:
   """Writes local files matching `pattern` as TFDS dataset `name` under `data_dir`."""
   tfds = _tfds()
   if not _NAME.match(name):
@@ -107,7 +108,7 @@ def prepare(pattern: str, name: str, data_dir: str, text_key: str,
   if target.exists():
     raise UserError(f"{target} already exists; pick another --name or --data_dir (nothing "
                     "was changed).")
-  corpus = sources.open_files(f"files:{pattern}", text_key, val_fraction)
+  corpus = files.open_files(f"files:{pattern}", text_key, val_fraction)
 
   class _LocalText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version(_PREPARED_VERSION)

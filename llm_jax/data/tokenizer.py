@@ -1,4 +1,5 @@
-"""SentencePiece BPE tokenizer: training on a text sample, loading, encode/decode.
+"""SentencePiece BPE tokenizer: training on a text sample, loading, encode/decode, and the
+one place a run gets its tokenizer (`for_run`).
 
 Trained models use byte fallback (any text encodes, nothing maps to <unk>), identity
 normalisation and no whitespace collapsing (source code keeps its indentation), and reserve
@@ -9,8 +10,13 @@ import io
 import pathlib
 from collections.abc import Iterable
 
+import jax
 import sentencepiece as spm
+from jax.experimental import multihost_utils
 
+from llm_jax.data import sources
+from llm_jax.data.documents import Source
+from llm_jax.distributed import is_primary, log
 from llm_jax.errors import UserError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -84,3 +90,48 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
                     f"({str(e).strip().splitlines()[-1]}); lower model.vocab_size or add "
                     "text.") from None
   return Tokenizer(model.getvalue())
+
+
+def train_on_sources(mixture: list[tuple[Source, float]], vocab_size: int,
+                     sample_bytes: int, seed: int) -> Tokenizer:
+  """A tokenizer trained on about `sample_bytes` of the sources' training split."""
+  return train_tokenizer(sources.text_sample(mixture, sample_bytes, seed), vocab_size)
+
+
+def for_run(config, mixture: list[tuple[Source, float]], workdir=None,
+            inherited: bytes | None = None) -> Tokenizer:
+  """The run's tokenizer: the workdir's own, else `data.tokenizer`, else `inherited` (the
+  tokenizer of the run `train.init_from` starts from), else one trained on the sources.
+
+  With a `workdir`, process 0 saves it there as tokenizer.model (once) and every process
+  reads it back, so all processes tokenize alike. Its size must equal `model.vocab_size`.
+  """
+  saved = pathlib.Path(workdir) / "tokenizer.model" if workdir is not None else None
+  given = config.data.tokenizer
+  tokenizer = None
+  if saved is not None and saved.exists():
+    tokenizer = load_tokenizer(saved)
+    if given and load_tokenizer(given).model_proto != tokenizer.model_proto:
+      raise UserError(f"data.tokenizer={given} differs from {saved} already in the workdir; "
+                      "pass a new --workdir or drop data.tokenizer.")
+  elif given:
+    tokenizer = load_tokenizer(given)
+  elif inherited is not None:
+    tokenizer = Tokenizer(inherited)
+  elif is_primary() or saved is None:
+    log(f"Training a {config.model.vocab_size}-piece SentencePiece BPE tokenizer on "
+        f"{config.data.tokenizer_sample_bytes / 1e6:.1f} MB of the training split")
+    tokenizer = train_on_sources(mixture, config.model.vocab_size,
+                                 config.data.tokenizer_sample_bytes, config.train.seed)
+  if tokenizer is not None and tokenizer.vocab_size != config.model.vocab_size:
+    raise UserError(f"The tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size="
+                    f"{config.model.vocab_size}; set --config.model.vocab_size="
+                    f"{tokenizer.vocab_size}.")
+  if saved is None:
+    return tokenizer
+  if is_primary() and not saved.exists():
+    tokenizer.save(saved)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("tokenizer saved")
+    tokenizer = load_tokenizer(saved)
+  return tokenizer

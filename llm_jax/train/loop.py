@@ -1,8 +1,12 @@
-"""The training loop: workdir checks, data, tokenizer, state, steps, metrics, checkpoints.
+"""The training loop, the same for every objective and batch source:
 
-The host stays out of the device's way: step N+1 is dispatched before step N's metrics are
-read; only step N's non-finite flag is read every step (one step late), the other metrics
-on logging steps.
+    pull a batch, step, log one step late, evaluate, save, stop.
+
+The host stays ahead of the devices: step N+1 is dispatched before step N's results are
+read. Every step reads only the non-finite flag of the step before; the other metrics are
+read on logging steps, one step late. With several processes, they agree on stopping and
+saving (a signal reached process 0, or a timed save is due) only every `train.log_every`
+steps, so no other step waits for a collective.
 """
 
 import json
@@ -17,87 +21,45 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from llm_jax import config as config_lib
-from llm_jax import flops, generate, sharding
-from llm_jax.checkpoint import Checkpointer
-from llm_jax.data import pipeline, sources
-from llm_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from llm_jax import checkpoint, config as config_lib, flops, generate, hardware, sharding
+from llm_jax.data.batches import text_batches
+from llm_jax.distributed import is_primary, log
 from llm_jax.errors import UserError
-from llm_jax.model import ModelConfig, Transformer
-from llm_jax.sharding import is_primary
-from llm_jax.train import optimizer, state as state_lib, step as step_lib
+from llm_jax.objectives.next_token import NEXT_TOKEN
+from llm_jax.train import builder
 from llm_jax.train.metrics import MetricsWriter
 
-# Keys that change the parameters or what they compute; the others (compute dtype, remat,
-# attention kernel, scan unrolling, matmul precision) may change between runs of the same
-# workdir.
-_EXECUTION_ONLY_MODEL_KEYS = ("dtype", "remat_policy", "attention", "attention_block_size",
-                              "scan_unroll", "matmul_precision")
 
-
-def log(message: str) -> None:
-  if is_primary():
-    print(message, file=sys.stderr, flush=True)
-
-
-def check_workdir(config, workdir: pathlib.Path) -> None:
-  """Refuses a workdir whose saved config describes a different model. Writes nothing."""
+def check_workdir(config, workdir: pathlib.Path):
+  """The config saved in `workdir` (None for a new one); refuses a workdir that is not a
+  directory or whose saved config describes a different model. Writes nothing."""
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f"--workdir {workdir} is a file, not a directory; pass a new --workdir.")
   saved = workdir / "config.json"
   if not saved.exists():
-    return
+    return None
   try:
     previous = config_lib.from_json(saved.read_text())
   except (json.JSONDecodeError, TypeError):
     raise UserError(f"{saved} is not a readable config; move the workdir aside or pass a "
                     "new --workdir.") from None
   _refuse_other_model(previous, config, str(workdir))
+  return previous
 
 
 def _refuse_other_model(previous, config, where: str) -> None:
-  differences = [d for d in config_lib.model_differences(previous, config)
-                 if d.split(":")[0].removeprefix("model.") not in _EXECUTION_ONLY_MODEL_KEYS]
+  differences = config_lib.model_differences(previous, config)
   if differences:
     raise UserError(f"{where} holds a different model ({'; '.join(differences)}); pass a new "
                     "--workdir or restore the workdir's model settings.")
 
 
-def prepare_tokenizer(config, workdir: pathlib.Path,
-                      mixture: list[tuple[sources.Source, float]]) -> Tokenizer:
-  """The run's tokenizer: the workdir's, the configured one, or a newly trained one."""
-  saved = workdir / "tokenizer.model"
-  given = config.data.tokenizer
-  if saved.exists():
-    tokenizer = load_tokenizer(saved)
-    if given and load_tokenizer(given).model_proto != tokenizer.model_proto:
-      raise UserError(f"data.tokenizer={given} differs from {saved} already in the workdir; "
-                      "pass a new --workdir or drop data.tokenizer.")
-  elif given:
-    tokenizer = load_tokenizer(given)
-  else:
-    tokenizer = None
-    if is_primary():
-      log(f"Training a {config.model.vocab_size}-piece SentencePiece BPE tokenizer on "
-          f"{config.data.tokenizer_sample_bytes / 1e6:.1f} MB of the training split")
-      tokenizer = train_tokenizer(
-          sources.text_sample(mixture, config.data.tokenizer_sample_bytes, config.train.seed),
-          config.model.vocab_size)
-  if tokenizer is not None and tokenizer.vocab_size != config.model.vocab_size:
-    raise UserError(f"The tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size="
-                    f"{config.model.vocab_size}; set --config.model.vocab_size="
-                    f"{tokenizer.vocab_size}.")
-  if is_primary() and not saved.exists():
-    tokenizer.save(saved)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("tokenizer saved")
-    tokenizer = load_tokenizer(saved)
-  return tokenizer
-
-
-def evaluate(eval_step, params, batches) -> float:
-  totals = [eval_step(params, batch) for batch in batches]
+def evaluate(built, params, batches, frozen=None) -> float:
+  """Mean loss over `batches` (global arrays), weighted as the objective weighs it."""
+  totals = [built.eval_step(params, batch, frozen)[:2] for batch in batches]
   loss_sum = sum(float(loss) for loss, _ in totals)
-  count = sum(float(n) for _, n in totals)
-  return loss_sum / max(count, 1.0)
+  weight = sum(float(w) for _, w in totals)
+  return loss_sum / max(weight, 1.0)
 
 
 class _Requests:
@@ -127,206 +89,215 @@ class _Requests:
       self.stop_signal = signal.Signals(signum).name
 
 
-def _agreed(*flags: bool) -> tuple[bool, ...]:
-  """Process 0's flags on every process, so all of them save and stop at the same step."""
-  if jax.process_count() == 1:
-    return flags
-  return tuple(bool(f) for f in multihost_utils.broadcast_one_to_all(np.asarray(flags)))
+def agreed(step: int, every: int, stop: bool, save: bool, process_count: int) -> tuple[bool, bool]:
+  """Process 0's (stop, save) on every process, so all of them save and stop at one step.
 
-
-def restore_newest(checkpointer: Checkpointer, config, abstract_state, data_iterator):
-  """(state, step) of the newest checkpoint that restores, or (None, 0) if none does.
-
-  A checkpoint that fails to read (truncated or missing files, unreadable metadata) is
-  reported and moved to WORKDIR/damaged_checkpoints, never deleted, and the next older one
-  is tried. A checkpoint of another model or data layout is an error, not damage.
+  One process acts at once. Several exchange the flags only every `every` steps: the
+  exchange is a collective that waits for the step before it on the devices.
   """
-  for step in reversed(checkpointer.steps()):
-    try:
-      meta = checkpointer.metadata(step)
-      _refuse_other_model(config_lib.from_json(meta["config"]), config,
-                          f"The checkpoint at step {step}")
-      return checkpointer.restore(step, abstract_state, data_iterator), step
-    except UserError:
-      raise
-    except Exception as e:  # any failure to read a checkpoint means it cannot be used
-      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-      moved = checkpointer.set_aside(step) if is_primary() else None
-      if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
-      log(f"The checkpoint at step {step} is damaged ({reason}); moved it to {moved} and "
-          "trying the previous one")
-  return None, 0
+  if process_count == 1:
+    return stop, save
+  if step % every:
+    return False, False
+  return tuple(bool(f) for f in multihost_utils.broadcast_one_to_all(np.asarray([stop, save])))
 
 
-def train(config, workdir) -> dict:
+class _Progress:
+  """Metrics rows of logging steps, written one step late (metrics.jsonl, TensorBoard,
+  progress bar), with tokens/s and MFU over the steps since the row before."""
+
+  def __init__(self, config, workdir: pathlib.Path, start_step: int, peak: float):
+    self.config, self.peak = config, peak
+    self.tokens_per_step = config.train.batch_size * config.model.context_length
+    self.writer = MetricsWriter(workdir, start_step)
+    self.bar = tqdm.tqdm(total=config.train.steps, initial=start_step,
+                         disable=not is_primary(), file=sys.stderr, dynamic_ncols=True,
+                         unit="step")
+    self.pending = None  # (step, device metrics, validation loss or None)
+    self.timer_start, self.timer_step = None, start_step
+    self.last_row = {}
+
+  def start_timer(self, step: int, metrics) -> None:
+    """Times from the end of the first step, which includes compilation."""
+    jax.block_until_ready(metrics)
+    self.timer_start, self.timer_step = time.perf_counter(), step
+
+  def hold(self, step: int, metrics, val_loss: float | None) -> None:
+    self.pending = (step, metrics, val_loss)
+
+  def flush(self) -> None:
+    """Writes the held row, if any; blocks until its step is done."""
+    if self.pending is None:
+      return
+    step, device_metrics, val_loss = self.pending
+    self.pending = None
+    row = {k: float(v) for k, v in jax.device_get(device_metrics).items() if k != "nonfinite"}
+    now = time.perf_counter()
+    if self.timer_start is not None and step > self.timer_step:
+      tokens_per_sec = (step - self.timer_step) * self.tokens_per_step / (now - self.timer_start)
+      row["tokens_per_sec"] = tokens_per_sec
+      row["mfu"] = flops.mfu(tokens_per_sec, self.config.model, self.peak)
+    self.timer_start, self.timer_step = now, step
+    row["tokens_seen"] = step * self.tokens_per_step
+    if val_loss is not None:
+      row["val_loss"] = val_loss
+      row["val_perplexity"] = math.exp(min(val_loss, 50.0))
+    self.writer.write(step, row)
+    self.bar.set_postfix(loss=f"{row['loss']:.3f}",
+                         tok_s=f"{row.get('tokens_per_sec', 0):.0f}", refresh=False)
+    self.last_row.update(row)
+
+  def close(self) -> None:
+    self.bar.close()
+    self.writer.close()
+
+
+def _check_finite(step: int, metrics, on_nonfinite: str, checkpointer) -> None:
+  """Stops the run (or notes the skip) after a step with a non-finite loss or gradient."""
+  if not bool(metrics["nonfinite"]):
+    return
+  if on_nonfinite == "skip":
+    log(f"Step {step}: non-finite loss or gradients; its update was skipped "
+        f"({int(metrics['skipped_steps'])} skipped so far)")
+    return
+  checkpointer.wait()
+  good = checkpointer.steps()
+  raise UserError(
+      f"Step {step} had a non-finite loss or gradient norm, so training stopped "
+      f"(train.on_nonfinite=stop); the last good state is the checkpoint at step "
+      f"{good[-1] if good else 'none'}. Lower train.learning_rate or set "
+      "--config.train.on_nonfinite=skip, and rerun to resume.")
+
+
+def train(config, workdir, objective=NEXT_TOKEN, batch_source=text_batches,
+          frozen=None) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics.
 
-  SIGTERM or SIGINT ends the run after the current step with a checkpoint (exit status 0);
-  SIGUSR1 writes a checkpoint and goes on.
+  `objective` says what a step minimises (`llm_jax.objectives`); `batch_source(config,
+  workdir, inherited_tokenizer)` returns the run's `BatchSource` (default: packed text);
+  `frozen(mesh)`, if given, returns the objective's frozen inputs placed on the run's mesh.
+  SIGTERM or SIGINT ends the run after the
+  current step with a checkpoint (exit status 0); SIGUSR1 writes a checkpoint and goes on.
   """
   with _Requests() as requests:
-    return _train(config, pathlib.Path(workdir), requests)
+    return _train(config, pathlib.Path(workdir), requests, objective, batch_source, frozen)
 
 
-def _train(config, workdir: pathlib.Path, requests: _Requests) -> dict:
+def _train(config, workdir, requests, objective, batch_source, frozen) -> dict:
   config_lib.validate(config, jax.device_count())
-  check_workdir(config, workdir)
+  previous_config = check_workdir(config, workdir)
+  resolved = config_lib.resolve(config)
   mesh = sharding.make_mesh(config.mesh)
   t, m = config.train, config.model
   log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices; "
-      f"{flops.param_counts(m)['params'] / 1e6:.2f}M parameters")
+      f"{flops.param_counts(m)['params'] / 1e6:.2f}M parameters; "
+      f"{config_lib.describe_resolved(resolved)}")
+  frozen = frozen(mesh) if frozen else None
+  built = builder.build(resolved, mesh, objective,
+                        None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen))
+  directory = workdir / "checkpoints"
+  init = None
+  if t.init_from and not checkpoint.saved_steps(directory):
+    init = checkpoint.open_init_source(t.init_from, log)
+    init.check_shapes(built.abstract_state().params, config)  # before anything is written
+  batches = batch_source(config, workdir, init.tokenizer if init else None)
+  eval_batches = [built.global_batch(b) for b in batches.evaluation]
+  checkpointer = checkpoint.Checkpointer(directory, t.keep_checkpoints, t.keep_steps)
 
-  mixture = sources.open_sources(config.data)
-  for source, weight in mixture:
-    log(source.summary() + (f"; {weight:.0%} of training tokens" if len(mixture) > 1 else ""))
-  workdir.mkdir(parents=True, exist_ok=True)
-  tokenizer = prepare_tokenizer(config, workdir, mixture)
+  def restore(step):
+    _refuse_other_model(config_lib.from_json(checkpointer.metadata(step)["config"]), config,
+                        f"The checkpoint at step {step}")
+    return checkpointer.restore(step, built.abstract_state(), batches.train)
 
-  model = Transformer(ModelConfig.from_config(m))
-  tx = optimizer.make_optimizer(t)
-  schedule = optimizer.learning_rate_schedule(t)
-  train_step, eval_step = step_lib.compile_steps(model, tx, schedule, mesh, t.grad_accum_steps)
-  checkpointer = Checkpointer(workdir / "checkpoints", t.keep_checkpoints, t.keep_steps)
-
-  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  data_iterator = iter(pipeline.training_dataset(
-      [(source.train, weight) for source, weight in mixture], tokenizer, m.context_length,
-      t.batch_size, seed=t.seed, **process))
-  eval_batches = [sharding.global_batch(b, mesh) for b in pipeline.evaluation_batches(
-      [(source.validation, weight) for source, weight in mixture], tokenizer, m.context_length,
-      t.batch_size, t.eval_tokens, **process)]
-  scored = int(sum(float(b["weights"].sum()) for b in eval_batches))
-  log(f"Evaluation: {len(eval_batches)} batches, {scored} scored validation tokens")
-
-  state, start_step = restore_newest(checkpointer, config, state_lib.abstract_with_shardings(
-      model, tx, mesh), data_iterator)
-  if state is None:
-    state = state_lib.init_state(model, tx, mesh, t.seed)
-  else:
+  state, start_step = checkpoint.restore_newest(checkpointer, restore, log)
+  saved = config.copy_and_resolve_references()
+  if state is not None:
     log(f"Resumed from the checkpoint at step {start_step}")
-  config_json = config_lib.to_json(config)
+    if previous_config is not None:  # keeps where the run started from
+      saved.train.init_from = previous_config.train.get("init_from", "")
+  else:
+    state = built.init_state()
+    if t.init_from:
+      init = init or checkpoint.open_init_source(t.init_from, log)
+      state = state.replace(params=init.params(state.params, config, log))
+      saved.train.init_from = init.location
+      log(f"Parameters from {init.location}; optimizer, step and data start fresh")
+  config_json = config_lib.to_json(saved)
   if is_primary():  # only now: a refused resume leaves the workdir as it was
     tmp = workdir / "config.json.tmp"
     tmp.write_text(config_json)
     tmp.replace(workdir / "config.json")
 
-  peak, peak_note = flops.peak_flops(model_config=m)
+  peak, peak_note = hardware.peak_flops(bf16_operands=built.model.config.bf16_operands)
   log(f"MFU is relative to the {peak_note}; {flops.flops_per_token(m) / 1e6:.1f} MFLOPs/token")
-  writer = MetricsWriter(workdir, start_step)
-  tokens_per_step = t.batch_size * m.context_length
-  progress = tqdm.tqdm(total=t.steps, initial=start_step, disable=not is_primary(),
-                       file=sys.stderr, dynamic_ncols=True, unit="step")
-  pending = None  # (step, device metrics) of a logging step, read one step late
-  timer_start, timer_step = None, start_step
-  summary = {}
-  eval_results = {}
-
-  def flush(pending_row):
-    nonlocal timer_start, timer_step
-    step, device_metrics = pending_row
-    values = jax.device_get(device_metrics)
-    now = time.perf_counter()
-    row = {k: float(v) for k, v in values.items() if k not in ("tokens", "nonfinite")}
-    if timer_start is not None and step > timer_step:
-      tokens_per_sec = (step - timer_step) * tokens_per_step / (now - timer_start)
-      row["tokens_per_sec"] = tokens_per_sec
-      row["mfu"] = flops.mfu(tokens_per_sec, m, peak)
-    timer_start, timer_step = now, step
-    row["tokens_seen"] = step * tokens_per_step
-    if step in eval_results:
-      row["val_loss"] = eval_results.pop(step)
-      row["val_perplexity"] = math.exp(min(row["val_loss"], 50.0))
-    writer.write(step, row)
-    progress.set_postfix(loss=f"{row['loss']:.3f}",
-                         tok_s=f"{row.get('tokens_per_sec', 0):.0f}", refresh=False)
-    return row
-
-  def check_finite(step, device_metrics):
-    if not bool(device_metrics["nonfinite"]):
-      return
-    skipped = int(device_metrics["skipped_steps"])
-    if t.on_nonfinite == "skip":
-      log(f"Step {step}: non-finite loss or gradients; its update was skipped ({skipped} "
-          "skipped so far)")
-      return
-    checkpointer.wait()
-    good = checkpointer.steps()
-    raise UserError(
-        f"Step {step} had a non-finite loss or gradient norm, so training stopped "
-        f"(train.on_nonfinite=stop); the last good state is the checkpoint at step "
-        f"{good[-1] if good else 'none'}. Lower train.learning_rate or set "
-        "--config.train.on_nonfinite=skip, and rerun to resume.")
-
+  progress = _Progress(config, workdir, start_step, peak)
   last_save = time.monotonic()
-
-  def save(step):
-    nonlocal last_save
-    blocked = checkpointer.save(step, state, data_iterator, config_json,
-                                tokenizer.model_proto)
-    last_save = time.monotonic()
-    log(f"Checkpoint {step}: training blocked {blocked:.2f}s, writing in the background")
-
   previous = None  # (step, metrics) of the step before, checked for non-finite values
   done = start_step
   with sharding.activate(mesh):
     try:
       for step in range(start_step, t.steps):
-        batch = sharding.global_batch(next(data_iterator), mesh)
-        state, metrics = train_step(state, batch)
+        state, metrics = built.train_step(state, built.global_batch(next(batches.train)),
+                                          frozen)
         done = step + 1
         if previous is not None:
-          check_finite(*previous)
+          _check_finite(*previous, t.on_nonfinite, checkpointer)
         previous = (done, metrics)
-        if pending is not None:
-          summary.update(flush(pending))
-          pending = None
-        if timer_start is None:  # the first step includes compilation: time from its end
-          jax.block_until_ready(metrics)
-          timer_start, timer_step = time.perf_counter(), done
+        progress.flush()
+        if progress.timer_start is None:
+          progress.start_timer(done, metrics)
         is_last = done == t.steps
+        val_loss = None
         if (t.eval_every and done % t.eval_every == 0) or is_last:
-          eval_results[done] = evaluate(eval_step, state.params, eval_batches)
-        if done % t.log_every == 0 or is_last or done in eval_results:
-          pending = (done, metrics)
+          val_loss = evaluate(built, state.params, eval_batches, frozen)
+        if done % t.log_every == 0 or is_last or val_loss is not None:
+          progress.hold(done, metrics, val_loss)
         minutes_due = bool(t.checkpoint_minutes) and (
             time.monotonic() - last_save >= 60 * t.checkpoint_minutes)
-        stop, save_now = _agreed(requests.stop_signal is not None, requests.save or minutes_due)
+        stop, save_now = agreed(done, t.log_every, requests.stop_signal is not None,
+                                requests.save or minutes_due, jax.process_count())
         if ((t.checkpoint_every and done % t.checkpoint_every == 0) or is_last or stop
             or save_now):
-          check_finite(*previous)  # never save after a step that should have stopped the run
+          _check_finite(*previous, t.on_nonfinite, checkpointer)  # never save a bad step
           previous = None
-          save(done)
+          blocked = checkpointer.save(done, state, batches.train, config_json,
+                                      batches.tokenizer.model_proto)
+          last_save = time.monotonic()
           requests.save = False
-        progress.update(1)
+          log(f"Checkpoint {done}: training blocked {blocked:.2f}s, writing in the background")
+        progress.bar.update(1)
         if stop:
           break
       if previous is not None:
-        check_finite(*previous)
-      if pending is not None:
-        summary.update(flush(pending))
+        _check_finite(*previous, t.on_nonfinite, checkpointer)
+      progress.flush()
     finally:  # also when stopping on a non-finite step: finish saves, keep the metrics
       progress.close()
       checkpointer.close()
-      writer.close()
 
+    summary = progress.last_row
     if requests.stop_signal:
       log(f"Stopped by {requests.stop_signal} after step {done}; the checkpoint is saved. "
           "Run the same command again to resume.")
       return summary
     if "val_loss" not in summary:  # nothing left to train: report the restored model
-      summary["val_loss"] = evaluate(eval_step, state.params, eval_batches)
+      summary["val_loss"] = evaluate(built, state.params, eval_batches, frozen)
       summary["val_perplexity"] = math.exp(min(summary["val_loss"], 50.0))
     log(f"Final validation loss {summary['val_loss']:.4f}, perplexity "
         f"{summary['val_perplexity']:.2f} (ln vocab = {math.log(m.vocab_size):.2f})")
     if t.sample_tokens:  # every process: the parameters span all of them
-      prompt_ids = [tokenizer.bos_id, *tokenizer.encode(t.sample_prompt)]
-      room = min(t.sample_tokens, m.context_length - len(prompt_ids))
-      new_ids = generate.generate(
-          state.params, model, [prompt_ids], room, eos_id=tokenizer.eos_id,
-          temperature=t.sample_temperature, seed=t.seed)[0] if room > 0 else []
-      summary["sample"] = t.sample_prompt + tokenizer.decode(new_ids)
+      summary["sample"] = _sample(t, built.model, state.params, batches.tokenizer)
       if is_primary():
         print(f"--- sample (temperature {t.sample_temperature}) ---\n{summary['sample']}\n---",
               flush=True)
   return summary
+
+
+def _sample(t, model, params, tokenizer) -> str:
+  """`train.sample_prompt` continued by the trained model, to eyeball the run's result."""
+  prompt_ids = [tokenizer.bos_id, *tokenizer.encode(t.sample_prompt)]
+  room = min(t.sample_tokens, model.config.context_length - len(prompt_ids))
+  new_ids = generate.generate(
+      params, model, [prompt_ids], room, eos_id=tokenizer.eos_id,
+      temperature=t.sample_temperature, seed=t.seed)[0] if room > 0 else []
+  return t.sample_prompt + tokenizer.decode(new_ids)

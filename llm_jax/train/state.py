@@ -5,8 +5,6 @@ Shardings come from the model's logical axis names: parameters carry them from
 parameter's names (`optax.tree_map_params`); scalars such as Adam's count are replicated.
 """
 
-import functools
-
 import flax.linen as nn
 import flax.struct
 import jax
@@ -15,7 +13,6 @@ import optax
 from jax.sharding import PartitionSpec
 
 from llm_jax import sharding
-from llm_jax.model import Transformer
 
 
 @flax.struct.dataclass
@@ -26,16 +23,9 @@ class TrainState:
   skipped: jax.Array  # steps whose update was dropped for a non-finite loss or gradient
 
 
-def _boxed_params(model: Transformer, rng):
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  return model.init(rng, tokens)["params"]
-
-
-def state_logical_specs(model: Transformer, tx: optax.GradientTransformation):
+def state_logical_specs(model, tx: optax.GradientTransformation):
   """(abstract TrainState, pytree of logical PartitionSpecs of the same structure)."""
-  boxed = jax.eval_shape(functools.partial(_boxed_params, model), jax.random.key(0))
-  param_specs = nn.get_partition_spec(boxed)
-  params = nn.meta.unbox(boxed)
+  params, param_specs = sharding.logical_params(model)
   opt_state = jax.eval_shape(tx.init, params)
   opt_specs = optax.tree_map_params(
       tx, lambda _, spec: spec, opt_state, param_specs,
@@ -48,34 +38,20 @@ def state_logical_specs(model: Transformer, tx: optax.GradientTransformation):
   return abstract, specs
 
 
-def abstract_params(model: Transformer, mesh):
-  """ShapeDtypeStructs of the parameters alone, with their shardings on `mesh`."""
-  boxed = jax.eval_shape(functools.partial(_boxed_params, model), jax.random.key(0))
-  shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      nn.meta.unbox(boxed), shardings)
-
-
 def state_shardings(model, tx, mesh):
+  """(abstract TrainState, its NamedShardings on `mesh`)."""
   abstract, specs = state_logical_specs(model, tx)
   return abstract, sharding.logical_to_sharding(specs, mesh)
 
 
-def init_state(model: Transformer, tx, mesh, seed: int) -> TrainState:
+def init_state(model, tx, mesh, seed: int) -> TrainState:
   """Initialises parameters and optimizer state directly in their shardings."""
   _, shardings = state_shardings(model, tx, mesh)
 
   def init(rng):
-    params = nn.meta.unbox(_boxed_params(model, rng))
+    params = nn.meta.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped=zero)
 
   with sharding.activate(mesh):
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
-
-
-def abstract_with_shardings(model, tx, mesh):
-  """ShapeDtypeStructs carrying target shardings, for restoring a checkpoint onto `mesh`."""
-  abstract, shardings = state_shardings(model, tx, mesh)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)

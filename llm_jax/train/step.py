@@ -1,12 +1,12 @@
-"""Pure train and eval steps, jitted with the state's and the batch's shardings.
+"""The one train step: any objective, gradient accumulation, clipping, the non-finite guard.
+
+The objective (`llm_jax.objectives.Objective`) gives the loss summed over a batch and the
+weight it is divided by (e.g. target tokens), taken over the whole global batch: with
+gradient accumulation each microbatch's summed loss is divided by the global weight, so
+accumulating A microbatches gives exactly the gradient of the full batch.
 
 A step whose loss or gradient norm is NaN or infinite changes nothing but the step counter
 and the count of skipped steps.
-
-The loss is the mean next-token cross-entropy over tokens with weight 1 (real targets inside
-their own document), taken over the whole global batch: with gradient accumulation each
-microbatch's summed loss is divided by the global token count, so accumulating A
-microbatches gives exactly the gradient of the full batch.
 """
 
 import functools
@@ -15,10 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llm_jax import sharding
-from llm_jax.loss import summed_loss
-from llm_jax.model import Transformer
-from llm_jax.train.state import TrainState, state_shardings
+from llm_jax.train.state import TrainState
 
 
 def _microbatches(batch, count: int):
@@ -28,22 +25,28 @@ def _microbatches(batch, count: int):
   return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch, *, model, tx, schedule, grad_accum_steps: int):
-  total_tokens = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+def train_step(state: TrainState, batch, frozen, *, objective, model, tx, schedule,
+               grad_accum_steps: int):
+  """(new state, metrics): `loss`, the objective's metrics and weight, `grad_norm`,
+  `learning_rate`, `nonfinite` and `skipped_steps`."""
+  weight = jnp.maximum(objective.weight(batch), 1.0)
 
   def loss_fn(params, micro):
-    loss_sum, _ = summed_loss(params, model, micro)
-    return loss_sum / total_tokens
+    loss_sum, metric_sums = objective.loss(model, params, micro, frozen)
+    return loss_sum / weight, metric_sums
 
-  grad_fn = jax.value_and_grad(loss_fn)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum_steps == 1:
-    loss, grads = grad_fn(state.params, batch)
+    (loss, metric_sums), grads = grad_fn(state.params, batch)
   else:
-    def accumulate(carry, micro):
-      loss, grads = grad_fn(state.params, micro)
-      return jax.tree.map(jnp.add, carry, (loss, grads)), None
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-    (loss, grads), _ = jax.lax.scan(accumulate, zeros, _microbatches(batch, grad_accum_steps))
+    micro = _microbatches(batch, grad_accum_steps)
+
+    def accumulate(carry, one):
+      return jax.tree.map(jnp.add, carry, grad_fn(state.params, one)), None
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grad_fn, state.params, first))
+    ((loss, metric_sums), grads), _ = jax.lax.scan(accumulate, zeros, micro)
 
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -57,29 +60,11 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, grad_accum_step
                          skipped=state.skipped + (~finite).astype(jnp.int32))
   metrics = {
       "loss": loss,
+      **{name: total / weight for name, total in metric_sums.items()},
+      objective.weight_name: weight,
       "grad_norm": grad_norm,
       "learning_rate": schedule(state.step),
-      "tokens": total_tokens,
       "nonfinite": ~finite,
       "skipped_steps": new_state.skipped,
   }
   return new_state, metrics
-
-
-def eval_step(params, batch, *, model):
-  return summed_loss(params, model, batch)
-
-
-def compile_steps(model: Transformer, tx, schedule, mesh, grad_accum_steps: int):
-  """Jitted (train_step, eval_step) with explicit shardings; the train state is donated."""
-  _, state_sh = state_shardings(model, tx, mesh)
-  batch_sh = sharding.batch_sharding(mesh)
-  replicated = sharding.replicated(mesh)
-  train = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                        grad_accum_steps=grad_accum_steps),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-      donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, model=model),
-                     in_shardings=(state_sh.params, batch_sh), out_shardings=replicated)
-  return train, evaluate

@@ -1,0 +1,188 @@
+"""Local text files as a source: `builtin` (the Python standard library) and `files:<glob>`.
+
+Files are indexed once (byte ranges of usable documents) and a document is read only when the
+pipeline asks for it, so a corpus may be far larger than memory. `.jsonl` files hold one
+document per line under `data.text_key`; any other file is one UTF-8 document. Documents
+that cannot be used are skipped and counted by reason. The train/validation split is by a
+hash of each document's path (and line), so it does not depend on file order, machine or
+process count; exact duplicates are kept once, since a copy on each side of the split would
+leak validation text into training.
+"""
+
+import glob
+import hashlib
+import json
+import pathlib
+import sysconfig
+import zlib
+
+import numpy as np
+
+from llm_jax.data.documents import Documents, Source
+from llm_jax.errors import UserError
+
+_HASH_BUCKETS = 10_000
+SKIP_REASONS = ("unreadable", "binary", "undecodable", "empty", "duplicate", "not JSON",
+                "missing text key")
+
+
+class FileDocuments:
+  """Documents stored as byte ranges of local files, decoded when read."""
+
+  def __init__(self, paths: list[pathlib.Path], refs: np.ndarray, text_key: str):
+    self._paths = paths
+    self._refs = refs  # rows of (path index, byte offset, byte length, is JSON line)
+    self._text_key = text_key
+
+  def __len__(self) -> int:
+    return len(self._refs)
+
+  def __getitem__(self, index: int) -> str:
+    path_index, offset, length, is_json = (int(v) for v in self._refs[index])
+    with open(self._paths[path_index], "rb") as f:
+      f.seek(offset)
+      text = f.read(length).decode("utf-8")
+    return json.loads(text)[self._text_key] if is_json else text
+
+def _in_validation(key: str, val_fraction: float) -> bool:
+  return zlib.crc32(key.encode()) % _HASH_BUCKETS < val_fraction * _HASH_BUCKETS
+
+
+class _FileIndexer:
+  """Scans files once, keeping byte ranges of usable documents and counting the rest."""
+
+  def __init__(self, root: pathlib.Path, text_key: str, val_fraction: float):
+    self.root, self.text_key, self.val_fraction = root, text_key, val_fraction
+    self.paths: list[pathlib.Path] = []
+    self.refs = {"train": [], "validation": []}
+    self.skipped = dict.fromkeys(SKIP_REASONS, 0)
+    self._seen: set[bytes] = set()
+
+  def add_file(self, path: pathlib.Path) -> None:
+    try:
+      raw = path.read_bytes()
+    except OSError:
+      self.skipped["unreadable"] += 1
+      return
+    self.paths.append(path)
+    key = path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) \
+        else path.as_posix()
+    if path.suffix == ".jsonl":
+      offset = 0
+      for line_number, line in enumerate(raw.splitlines(keepends=True)):
+        self._add_json_line(line, offset, f"{key}:{line_number}")
+        offset += len(line)
+    else:
+      self._add_text(raw, 0, key)
+
+  def _add_text(self, raw: bytes, offset: int, key: str) -> None:
+    if b"\x00" in raw:
+      self.skipped["binary"] += 1
+      return
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+      self.skipped["undecodable"] += 1
+      return
+    self._keep(text, raw, offset, key, is_json=False)
+
+  def _add_json_line(self, line: bytes, offset: int, key: str) -> None:
+    if not line.strip():
+      return  # blank lines separate nothing in JSON Lines; not a document
+    try:
+      record = json.loads(line)
+    except UnicodeDecodeError:
+      self.skipped["undecodable"] += 1
+      return
+    except json.JSONDecodeError:
+      self.skipped["not JSON"] += 1
+      return
+    if not isinstance(record, dict) or not isinstance(record.get(self.text_key), str):
+      self.skipped["missing text key"] += 1
+      return
+    self._keep(record[self.text_key], line, offset, key, is_json=True)
+
+  def _keep(self, text: str, raw: bytes, offset: int, key: str, is_json: bool) -> None:
+    if not text.strip():
+      self.skipped["empty"] += 1
+      return
+    digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+    if digest in self._seen:
+      self.skipped["duplicate"] += 1
+      return
+    self._seen.add(digest)
+    split = "validation" if _in_validation(key, self.val_fraction) else "train"
+    self.refs[split].append((len(self.paths) - 1, offset, len(raw), is_json))
+
+  def documents(self, split: str) -> FileDocuments:
+    refs = np.asarray(self.refs[split], dtype=np.int64).reshape(-1, 4)
+    return FileDocuments(self.paths, refs, self.text_key)
+
+
+def _builtin_files() -> tuple[pathlib.Path, list[pathlib.Path]]:
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  files = [p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts]
+  return root, files
+
+
+def _glob_files(pattern: str) -> tuple[pathlib.Path, list[pathlib.Path]]:
+  files = [pathlib.Path(p) for p in glob.glob(pattern, recursive=True)]
+  files = [p for p in files if p.is_file()]
+  root = pathlib.Path(glob.escape(pattern).split("*")[0] or ".").parent
+  return root, files
+
+
+def open_files(spec: str, text_key: str, val_fraction: float) -> Source:
+  """The `builtin` or `files:<glob>` source, indexed."""
+  if spec == "builtin":
+    root, files = _builtin_files()
+    description = f"builtin corpus (Python stdlib at {root})"
+  else:
+    pattern = spec.removeprefix("files:")
+    root, files = _glob_files(pattern)
+    description = f"files matching {pattern!r}"
+    if not files:
+      raise UserError(f"data.source={spec!r} matches no files; check the glob "
+                      "(use ** with quotes for subdirectories).")
+  indexer = _FileIndexer(root, text_key, val_fraction)
+  for path in sorted(files):
+    indexer.add_file(path)
+  source = Source(spec, indexer.documents("train"), indexer.documents("validation"),
+                  description, indexer.skipped)
+  return _ensure_both_splits(source, indexer)
+
+
+def open_all_files(pattern: str, text_key: str) -> Documents:
+  """Every usable document of the files matching `pattern`, unsplit (e.g. to evaluate on)."""
+  root, files = _glob_files(pattern)
+  if not files:
+    raise UserError(f"{pattern!r} matches no files; check the glob (use ** with quotes for "
+                    "subdirectories).")
+  indexer = _FileIndexer(root, text_key, val_fraction=0.0)  # nothing hashes below 0
+  for path in sorted(files):
+    indexer.add_file(path)
+  documents = indexer.documents("train")
+  if not len(documents):
+    skipped = ", ".join(f"{n} {reason}" for reason, n in indexer.skipped.items() if n)
+    raise UserError(f"No usable text in the files matching {pattern!r} (skipped: {skipped}); "
+                    "point it at UTF-8 text.")
+  return documents
+
+
+def _ensure_both_splits(source: Source, indexer: _FileIndexer) -> Source:
+  total = len(source.train) + len(source.validation)
+  if total == 0:
+    hint = (f"give JSON objects with a string under data.text_key={indexer.text_key!r}"
+            if any(p.suffix == ".jsonl" for p in indexer.paths) else "point it at UTF-8 text")
+    raise UserError(f"No usable text in {source.description} ({source.summary()}); {hint}.")
+  if total < 2:
+    raise UserError(f"{source.description} has a single usable document; a train and a "
+                    "validation split need at least two, so add documents.")
+  # A tiny corpus may hash every document to one side; move one across so both exist.
+  if not len(source.validation):
+    indexer.refs["validation"].append(indexer.refs["train"].pop())
+  if not len(source.train):
+    indexer.refs["train"].append(indexer.refs["validation"].pop())
+  source.train = indexer.documents("train")
+  source.validation = indexer.documents("validation")
+  return source

@@ -1,0 +1,48 @@
+"""Training objectives: what a step minimises and what its batch holds.
+
+An `Objective` is a value. The one train step (`llm_jax.train.step`) and evaluation take any
+objective; nothing else in the trainer knows which one it runs. Each objective lives in a
+module of its own here (`next_token` for pretraining and supervised fine-tuning).
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # one value each, compared and hashed by identity
+class Objective:
+  """What a train step minimises.
+
+  `loss(model, params, batch, frozen)` returns `(loss_sum, metric_sums)`: the loss summed
+  over the batch's examples, and a dict of further per-example quantities summed the same
+  way. `weight(batch)` is what those sums are divided by (target tokens, pairs), computed on
+  the whole global batch, so that gradient accumulation over microbatches gives exactly the
+  gradient of the full batch; it is logged as `weight_name`. `batch` names the arrays a batch
+  holds, with their dtypes and logical axes (`batch`, `length`, ...). `frozen` is a pytree the
+  loss reads but never trains (a reference model's parameters, precomputed values), or None.
+  """
+  name: str
+  loss: Callable
+  weight: Callable
+  batch: Mapping[str, tuple[str, tuple[str, ...]]]
+  weight_name: str = "weight"
+
+  def abstract_batch(self, sizes: Mapping[str, int]) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of a batch, from the size of each logical axis (e.g. batch, length)."""
+    return {name: jax.ShapeDtypeStruct(tuple(sizes[a] for a in axes), np.dtype(dtype))
+            for name, (dtype, axes) in self.batch.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("objective", "model"))
+def evaluate_batch(params, batch, frozen=None, *, objective: Objective, model):
+  """(loss sum, weight, metric sums) of one batch: what evaluation adds up over a set.
+
+  One jitted function for training's periodic evaluation and for scoring (`llm_jax.evaluate`),
+  compiled once per objective, model and batch shape.
+  """
+  loss_sum, metric_sums = objective.loss(model, params, batch, frozen)
+  return loss_sum, objective.weight(batch), metric_sums
