@@ -143,7 +143,7 @@ def measure(config, steps: int, inference: bool = True, peak: float | None = Non
   """
   config_lib.validate(config, jax.device_count())
   if steps < 1:
-    raise UserError(f"steps={steps} must be at least 1.")
+    raise UserError(f"--steps={steps} must be at least 1.")
   m, t = config.model, config.train
   mesh = sharding.make_mesh(config.mesh)
   timer = TrainStepTimer(config, mesh)

@@ -114,21 +114,24 @@ def _data_prepare(args, overrides) -> None:
         f"--config.data.tfds_data_dir={args.data_dir}", file=sys.stderr)
 
 
+def _train_tokens_per_sec(workdir: str) -> float:
+  """The median tokens/s logged by the run in `workdir`."""
+  from llm_jax.train.metrics import read_metrics
+  rates = [row["tokens_per_sec"] for row in read_metrics(workdir) if "tokens_per_sec" in row]
+  if not rates:
+    raise UserError(f"{pathlib.Path(workdir) / 'metrics.jsonl'} has no tokens_per_sec rows yet; "
+                    "let the run log first.")
+  return statistics.median(rates)
+
+
 def _data_bench(args, overrides) -> None:
   from llm_jax.data import bench
-  if args.batches < 1:
-    raise UserError(f"--batches={args.batches} must be at least 1.")
+  # The run is read first: a wrong --against fails before the minutes of measuring.
+  train_rate = _train_tokens_per_sec(args.against) if args.against else None
   result = bench.measure(_load_config(args, overrides), args.batches)
-  if args.against:
-    metrics = pathlib.Path(args.against) / "metrics.jsonl"
-    if not metrics.is_file():
-      raise UserError(f"{metrics} does not exist; give --against the workdir of a run.")
-    rates = [row["tokens_per_sec"] for row in map(json.loads, metrics.read_text().splitlines())
-             if "tokens_per_sec" in row]
-    if not rates:
-      raise UserError(f"{metrics} has no tokens_per_sec rows yet; let the run log first.")
-    result["train_tokens_per_sec"] = statistics.median(rates)
-    result["feed_ratio"] = result["tokens_per_sec"] / result["train_tokens_per_sec"]
+  if train_rate is not None:
+    result["train_tokens_per_sec"] = train_rate
+    result["feed_ratio"] = result["tokens_per_sec"] / train_rate
   if args.json:
     print(json.dumps(result))
     return
@@ -153,36 +156,9 @@ def _load_run(args, overrides):
   return run
 
 
-def _prompts(args) -> list[str]:
-  """--prompt, or the prompts of --prompt_file: JSON strings (or {"prompt": ...}) per line
-  in a .jsonl file, else one prompt per non-blank line."""
-  if args.prompt_file is None:
-    return [args.prompt]
-  path = pathlib.Path(args.prompt_file)
-  if not path.is_file():
-    raise UserError(f"--prompt_file {path} does not exist; give a file with one prompt per line.")
-  lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-  if path.suffix != ".jsonl":
-    prompts = lines
-  else:
-    prompts = []
-    for number, line in enumerate(lines, 1):
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        record = None
-      prompt = record.get("prompt") if isinstance(record, dict) else record
-      if not isinstance(prompt, str):
-        raise UserError(f"Line {number} of {path} is neither a JSON string nor an object with "
-                        'a "prompt" string; write one prompt per line.')
-      prompts.append(prompt)
-  if not prompts:
-    raise UserError(f"--prompt_file {path} holds no prompts; write one prompt per line.")
-  return prompts
-
-
 def _generate(args, overrides) -> None:
-  prompts = _prompts(args)
+  from llm_jax.data.prompts import read_prompt_file
+  prompts = [args.prompt] if args.prompt_file is None else read_prompt_file(args.prompt_file)
   run = _load_run(args, overrides)
   outputs = run.generate(prompts, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, beams=args.beams,
@@ -249,8 +225,6 @@ def _use_fake_cpu_devices(count: int) -> bool:
 
 
 def _plan(args, overrides) -> None:
-  if args.devices < 1:
-    raise UserError(f"--devices={args.devices} must be at least 1.")
   if not _use_fake_cpu_devices(args.devices):
     # JAX is already running here with other devices: plan in a fresh process.
     command = [sys.executable, "-m", "llm_jax.cli", "plan", "--devices", str(args.devices),
@@ -298,8 +272,6 @@ def _sweep(args, overrides) -> None:
 def _scaling_fit(args, overrides) -> None:
   from llm_jax import scaling
   _no_overrides(overrides)
-  if args.draws < 1:
-    raise UserError(f"--draws={args.draws} must be at least 1.")
   fits = scaling.fit_and_plot(args.sweep, args.out, args.draws, args.seed, args.loss,
                               args.params, args.overwrite)
   print(scaling.summary(fits))
@@ -341,8 +313,6 @@ def _add_sweep_parsers(commands) -> None:
 
 def _bench(args, overrides) -> None:
   from llm_jax import bench
-  if args.steps < 1:
-    raise UserError(f"--steps={args.steps} must be at least 1.")
   out = pathlib.Path(args.out) if args.out else None
   if out is not None and out.exists():
     raise UserError(f"{out} already exists; choose another --out (nothing was overwritten).")

@@ -4,6 +4,7 @@ import time
 
 from llm_jax.data import pipeline, sources
 from llm_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from llm_jax.errors import UserError
 
 
 def measure(config, batches: int) -> dict:
@@ -12,6 +13,8 @@ def measure(config, batches: int) -> dict:
   The tokenizer is `data.tokenizer` if set, else one trained as `llm-jax train` would; its
   training time is reported apart from the pipeline's.
   """
+  if batches < 1:
+    raise UserError(f"--batches={batches} must be at least 1.")
   d, m, t = config.data, config.model, config.train
   start = time.perf_counter()
   mixture = sources.open_sources(d)
