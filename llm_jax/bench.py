@@ -135,7 +135,7 @@ def peak_memory_bytes(devices=None) -> int | None:
   return max(peaks) if peaks else None
 
 
-def measure(config, steps: int, inference: bool = True, peak: float | None = None) -> dict:
+def measure(config, steps: int = 10, inference: bool = True, peak: float | None = None) -> dict:
   """Times `steps` train steps (and prefill and decode) of `config`; returns a flat dict.
 
   `peak` is the FLOP/s the MFU is relative to; by default `flops.peak_flops` of the config's

@@ -7,7 +7,7 @@ from llm_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from llm_jax.errors import UserError
 
 
-def measure(config, batches: int) -> dict:
+def measure(config, batches: int = 200) -> dict:
   """Indexes the sources, gets a tokenizer and times `batches` training batches.
 
   The tokenizer is `data.tokenizer` if set, else one trained as `llm-jax train` would; its
