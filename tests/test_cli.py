@@ -1,5 +1,5 @@
-"""The command layer: options reach the library only when given (so the library's and the
-config's defaults apply), and `--help` starts no JAX."""
+"""The command layer: bad paths fail at once in one line, options reach the library only when
+given (so the library's and the config's defaults apply), and `--help` starts no JAX."""
 
 import argparse
 import json
@@ -11,12 +11,43 @@ import pytest
 from llm_jax import cli
 from llm_jax.errors import UserError
 
+from conftest import snapshot
+
+SWEEP_FILE = "configs/sweeps/isoflop_cpu.py"
+
+
 def _one_error_line(capsys) -> str:
   captured = capsys.readouterr()
   assert captured.out == ""
   [line] = captured.err.strip().splitlines()
   assert line.startswith("llm-jax: error: ")
   return line
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["train", "--workdir", "{file}"], "--workdir"),
+    (["train", "--workdir", "{file}/run"], "--workdir"),
+    (["sweep", SWEEP_FILE, "--sweep_dir", "{file}", "--dry-run"], "--sweep_dir"),
+    (["scaling", "fit", "{dir}", "--out", "{file}"], "--out"),
+    (["data", "prepare", "--files", "{dir}/*", "--name", "x", "--data_dir", "{file}"],
+     "--data_dir"),
+    (["tokenizer", "train", "--vocab_size", "512", "--out", "{dir}"], "--out"),
+    (["tokenizer", "train", "--vocab_size", "512", "--out", "{file}/tok.model"], "--out"),
+    (["bench", "--out", "{dir}"], "--out"),
+    (["bench", "--out", "{file}/bench.json"], "--out"),
+    (["predict", "--workdir", "{dir}", "--prompt", "x", "--plot", "{dir}"], "--plot"),
+    (["predict", "--workdir", "{dir}", "--prompt", "x", "--plot", "{file}/p.png"], "--plot"),
+    (["generate", "--workdir", "{dir}", "--prompt_file", "{dir}"], "--prompt_file"),
+])
+def test_a_path_of_the_wrong_kind_is_one_line_before_any_work(argv, option, tmp_path, capsys):
+  (tmp_path / "file").write_text("precious\n")
+  (tmp_path / "dir").mkdir()
+  before = snapshot(tmp_path)
+  argv = [a.format(file=tmp_path / "file", dir=tmp_path / "dir") for a in argv]
+  assert cli.main(argv) == 2
+  line = _one_error_line(capsys)
+  assert option in line and str(tmp_path) in line, line
+  assert snapshot(tmp_path) == before and (tmp_path / "dir").is_dir()
 
 
 def _options(parser, command=()):

@@ -13,6 +13,7 @@ def _prepare(args, overrides) -> None:
   from llm_jax import config as config_lib
   from llm_jax.data import tfds_source
   common.no_overrides(overrides)
+  common.check_directory(args.data_dir, "--data_dir")
   data = config_lib.load_config(None, common.as_overrides(
       args, {"text_key": "data.text_key", "val_fraction": "data.val_fraction"})).data
   corpus = tfds_source.prepare(args.files, args.name, args.data_dir, data.text_key,

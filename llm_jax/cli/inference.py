@@ -34,6 +34,7 @@ def _generate(args, overrides) -> None:
 
 def _predict(args, overrides) -> None:
   from llm_jax.run import plot_distribution
+  plot = common.check_new_file(args.plot, "--plot", replace=True) if args.plot else None
   run = _load_run(args, overrides)
   distribution = run.next_token_distribution(args.prompt, **common.given(args, "top"))
   if args.json:
@@ -45,8 +46,9 @@ def _predict(args, overrides) -> None:
       print(f"{rank:>4}  {token.id:>6}  {repr(token.piece):<24}  {token.probability:.6f}")
     print(f"{'':>4}  {'':>6}  {f'rest ({distribution.rest_count} tokens)':<24}  "
           f"{distribution.rest:.6f}")
-  if args.plot:
-    plot_distribution(distribution, args.prompt, args.plot)
+  if plot:
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    plot_distribution(distribution, args.prompt, plot)
     print(f"Wrote {args.plot}", file=sys.stderr)
 
 

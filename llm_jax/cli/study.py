@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -43,8 +42,9 @@ def _sweep(args, overrides) -> None:
   import jax
   from llm_jax import sweep as sweep_lib
   common.no_overrides(overrides)
+  sweep_dir = common.check_directory(
+      args.sweep_dir or sweep_lib.default_sweep_dir(args.sweep_file), "--sweep_dir")
   sweep = sweep_lib.load_sweep(args.sweep_file)
-  sweep_dir = pathlib.Path(args.sweep_dir or sweep_lib.default_sweep_dir(args.sweep_file))
   members = sweep_lib.resolve(sweep, sweep_dir, jax.device_count())
   chosen = sweep_lib.select(members, args.only)
   if args.print_commands:
@@ -69,16 +69,15 @@ def _sweep(args, overrides) -> None:
 def _scaling_fit(args, overrides) -> None:
   from llm_jax import scaling
   common.no_overrides(overrides)
-  fits = scaling.fit_and_plot(args.sweep, args.out, overwrite=args.overwrite, **common.given(
+  out = common.check_directory(args.out, "--out")
+  fits = scaling.fit_and_plot(args.sweep, out, overwrite=args.overwrite, **common.given(
       args, "draws", "seed", "loss_key", "params_key"))
   print(scaling.summary(fits))
 
 
 def _bench(args, overrides) -> None:
   from llm_jax import bench
-  out = pathlib.Path(args.out) if args.out else None
-  if out is not None and out.exists():
-    raise UserError(f"{out} already exists; choose another --out (nothing was overwritten).")
+  out = common.check_new_file(args.out, "--out") if args.out else None
   result = bench.measure(common.load_config(args, overrides), **common.given(args, "steps"),
                          inference=not args.train_only)
   if out is not None:

@@ -1,6 +1,5 @@
 """`llm-jax tokenizer train|encode|decode`."""
 
-import pathlib
 import sys
 
 from llm_jax.cli import common
@@ -17,9 +16,7 @@ def _train(args, overrides) -> None:
   from llm_jax import config as config_lib
   from llm_jax.data import sources
   from llm_jax.data.tokenizer import train_tokenizer
-  out = pathlib.Path(args.out)
-  if out.exists():
-    raise UserError(f"{out} already exists; choose another --out (nothing was overwritten).")
+  out = common.check_new_file(args.out, "--out")
   config = config_lib.load_config(None, [*common.as_overrides(args, _TRAIN_KEYS), *overrides])
   mixture = sources.open_sources(config.data)
   for source, _ in mixture:

@@ -5,10 +5,11 @@ from llm_jax.cli import common
 
 def _train(args, overrides) -> None:
   from llm_jax import distributed
+  workdir = common.check_directory(args.workdir, "--workdir")
   config = common.load_config(args, overrides)
   distributed.initialize(config.distributed)  # before anything else uses JAX
   from llm_jax.train.loop import train
-  train(config, args.workdir)
+  train(config, workdir)
 
 
 def add_commands(commands) -> None:
