@@ -131,7 +131,7 @@ def peak_memory_bytes(devices=None) -> int | None:
   return max(peaks) if peaks else None
 
 
-def measure(config, steps: int, inference: bool = True, peak: float | None = None) -> dict:
+def measure(config, steps: int = 10, inference: bool = True, peak: float | None = None) -> dict:
   """Times `steps` train steps (and prefill and decode) of `config`; returns a flat dict.
 
   `peak` is the FLOP/s the MFU is relative to; by default `hardware.peak_flops` for the
@@ -139,7 +139,7 @@ def measure(config, steps: int, inference: bool = True, peak: float | None = Non
   """
   config_lib.validate(config, jax.device_count())
   if steps < 1:
-    raise UserError(f"steps={steps} must be at least 1.")
+    raise UserError(f"--steps={steps} must be at least 1.")
   m, t = config.model, config.train
   mesh = sharding.make_mesh(config.mesh)
   timer = TrainStepTimer(config, mesh)

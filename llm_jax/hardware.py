@@ -1,10 +1,11 @@
 """Known accelerators: datasheet dense bf16 peak FLOP/s and memory per chip.
 
 One table, used by MFU (`peak_flops`, which finds the chip from JAX's `device_kind`) and
-by the planner (`llm-jax plan --hardware NAME`, which checks whether a config fits). Peaks are dense (no structured sparsity) bf16 tensor-core / MXU numbers of the
-SXM / pod parts; memory is the datasheet HBM per chip in GB (10^9 bytes), a little above
-what a program can use once the runtime has taken its share. Also what is measured of this
-machine: the CPU's bfloat16 dot instructions and its matmul peak.
+by the planner (`llm-jax plan --hardware NAME`, which checks whether a config fits). Peaks
+are dense (no structured sparsity) bf16 tensor-core / MXU numbers of the SXM / pod parts;
+memory is the datasheet HBM per chip in GB (10^9 bytes), a little above what a program can
+use once the runtime has taken its share. Also what is measured of this machine: the CPU's
+bfloat16 dot instructions and its matmul peak.
 """
 
 import dataclasses

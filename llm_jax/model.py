@@ -132,9 +132,12 @@ class Attention(nn.Module):
     c = self.config
     D, N, K, H = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
     residual_scale = 1.0 / (2 * c.num_layers)  # GPT-2: keep the residual stream's variance flat
-    wq_DNH = _param(self, "query", _dense_init(0, (1, 2)), (D, N, H), ("embed", "heads", "head_dim"))
-    wk_DKH = _param(self, "key", _dense_init(0, (1, 2)), (D, K, H), ("embed", "kv_heads", "head_dim"))
-    wv_DKH = _param(self, "value", _dense_init(0, (1, 2)), (D, K, H), ("embed", "kv_heads", "head_dim"))
+    wq_DNH = _param(self, "query", _dense_init(0, (1, 2)), (D, N, H),
+                    ("embed", "heads", "head_dim"))
+    wk_DKH = _param(self, "key", _dense_init(0, (1, 2)), (D, K, H),
+                    ("embed", "kv_heads", "head_dim"))
+    wv_DKH = _param(self, "value", _dense_init(0, (1, 2)), (D, K, H),
+                    ("embed", "kv_heads", "head_dim"))
     wo_NHD = _param(self, "out", _dense_init((0, 1), 2, residual_scale), (N, H, D),
                     ("heads", "head_dim", "embed"))
     dtype = c.dtype

@@ -335,6 +335,8 @@ def _save(figure, path: pathlib.Path) -> pathlib.Path:
 def fit_and_plot(source, out_dir, draws: int = 200, seed: int = 0, loss_key: str = "val_loss",
                  params_key: str = "params", overwrite: bool = False) -> dict:
   """Fits `source` (a sweep dir or sweep.jsonl), writes scaling_fit.json and three plots."""
+  if draws < 1:
+    raise UserError(f"--draws={draws} must be at least 1.")
   out_dir = pathlib.Path(out_dir)
   outputs = [out_dir / name for name in
              ("scaling_fit.json", "isoflop.png", "optimal.png", "parametric.png")]

@@ -350,7 +350,8 @@ def run(sweep: Sweep, members: list[Member], sweep_dir: pathlib.Path,
         only: list[str] = ()) -> list[dict]:
   """Trains the members (those named in `only`, if given) in order, skipping finished ones.
 
-  Returns the sweep.jsonl rows of all members; the table always lists every member. A member that raises UserError (e.g. a non-finite loss) is recorded as failed and the
+  Returns the sweep.jsonl rows of all members; the table always lists every member. A member
+  that raises UserError (e.g. a non-finite loss) is recorded as failed and the
   sweep goes on; a member stopped by SIGTERM/SIGINT (checkpoint saved) stops the sweep.
   """
   from llm_jax.train.loop import train  # heavy import, only when training

@@ -3,14 +3,17 @@
 import time
 
 from llm_jax.data import pipeline, sources, tokenizer as tokenizer_lib
+from llm_jax.errors import UserError
 
 
-def measure(config, batches: int) -> dict:
+def measure(config, batches: int = 200) -> dict:
   """Indexes the sources, gets a tokenizer and times `batches` training batches.
 
   The tokenizer is `data.tokenizer` if set, else one trained as `llm-jax train` would; its
   training time is reported apart from the pipeline's.
   """
+  if batches < 1:
+    raise UserError(f"--batches={batches} must be at least 1.")
   d, m, t = config.data, config.model, config.train
   start = time.perf_counter()
   mixture = sources.open_sources(d)

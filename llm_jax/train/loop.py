@@ -21,7 +21,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from llm_jax import checkpoint, config as config_lib, flops, generate, hardware, sharding
+from llm_jax import checkpoint, config as config_lib, flops, generate, hardware, paths, sharding
 from llm_jax.data.batches import text_batches
 from llm_jax.distributed import is_primary, log
 from llm_jax.errors import UserError
@@ -33,8 +33,7 @@ from llm_jax.train.metrics import MetricsWriter
 def check_workdir(config, workdir: pathlib.Path):
   """The config saved in `workdir` (None for a new one); refuses a workdir that is not a
   directory or whose saved config describes a different model. Writes nothing."""
-  if workdir.exists() and not workdir.is_dir():
-    raise UserError(f"--workdir {workdir} is a file, not a directory; pass a new --workdir.")
+  paths.check_directory(workdir, "--workdir")
   saved = workdir / "config.json"
   if not saved.exists():
     return None
@@ -180,7 +179,8 @@ def train(config, workdir, objective=NEXT_TOKEN, batch_source=text_batches,
   current step with a checkpoint (exit status 0); SIGUSR1 writes a checkpoint and goes on.
   """
   with _Requests() as requests:
-    return _train(config, pathlib.Path(workdir), requests, objective, batch_source, frozen)
+    return _train(config, pathlib.Path(workdir).expanduser(), requests, objective,
+                  batch_source, frozen)
 
 
 def _train(config, workdir, requests, objective, batch_source, frozen) -> dict:

@@ -11,6 +11,7 @@ import pathlib
 from tensorboardX import SummaryWriter
 
 from llm_jax.distributed import is_primary
+from llm_jax.errors import UserError
 
 
 class MetricsWriter:
@@ -54,3 +55,11 @@ def _plain(value):
   if isinstance(value, float) and not math.isfinite(value):
     return str(value)  # JSON has no NaN/Inf; keep them visible as strings
   return value
+
+
+def read_metrics(workdir) -> list[dict]:
+  """The rows of WORKDIR/metrics.jsonl, oldest first."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.is_file():
+    raise UserError(f"{path} does not exist; give the workdir of a run.")
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,124 @@
+"""`llm-jax generate|predict|eval`: a trained run put to use."""
+
+import json
+import sys
+
+from llm_jax import paths
+from llm_jax.cli import common
+
+
+def _load_run(args, overrides):
+  from llm_jax.run import load_run
+  from llm_jax import flops
+  run = load_run(args.workdir, overrides)
+  print(f"Loaded {args.workdir} at step {run.step}: "
+        f"{flops.param_counts(run.model.config)['params'] / 1e6:.2f}M parameters, mesh "
+        f"{dict(run.mesh.shape)}", file=sys.stderr)
+  return run
+
+
+def _generate(args, overrides) -> None:
+  from llm_jax.data.prompts import read_prompt_file
+  prompts = [args.prompt] if args.prompt_file is None else read_prompt_file(args.prompt_file)
+  run = _load_run(args, overrides)
+  outputs = run.generate(prompts, **common.given(
+      args, "max_new_tokens", "temperature", "top_k", "top_p", "beams", "length_penalty",
+      "num_samples", "seed", "batch_size"))
+  texts = []
+  for index, (prompt, samples) in enumerate(zip(prompts, outputs)):
+    for sample, text in enumerate(samples):
+      full = prompt + text if args.echo else text
+      texts.append(json.dumps({"prompt_index": index, "sample": sample, "prompt": prompt,
+                               "text": full}) if args.jsonl else full)
+  sys.stdout.write(("\n" if args.jsonl else "\n\n").join(texts) + "\n")
+
+
+def _predict(args, overrides) -> None:
+  from llm_jax.run import plot_distribution
+  plot = paths.check_new_file(args.plot, "--plot", replace=True) if args.plot else None
+  run = _load_run(args, overrides)
+  distribution = run.next_token_distribution(args.prompt, **common.given(args, "top"))
+  if args.json:
+    print(json.dumps({"prompt": args.prompt, "top": [vars(t) for t in distribution.top],
+                      "rest": distribution.rest, "rest_count": distribution.rest_count}))
+  else:
+    print(f"{'rank':>4}  {'id':>6}  {'token':<24}  probability")
+    for rank, token in enumerate(distribution.top, 1):
+      print(f"{rank:>4}  {token.id:>6}  {repr(token.piece):<24}  {token.probability:.6f}")
+    print(f"{'':>4}  {'':>6}  {f'rest ({distribution.rest_count} tokens)':<24}  "
+          f"{distribution.rest:.6f}")
+  if plot:
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    plot_distribution(distribution, args.prompt, plot)
+    print(f"Wrote {args.plot}", file=sys.stderr)
+
+
+def _eval(args, overrides) -> None:
+  run = _load_run(args, overrides)
+  result = run.evaluate(args.files, **common.given(args, "max_tokens", "batch_size"))
+  if args.json:
+    print(json.dumps(result))
+    return
+  what = args.files or "the validation split"
+  print(f"{what}: {result['documents']} documents, {result['tokens']:,} tokens, "
+        f"{result['bytes']:,} bytes")
+  print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
+        f"bits per byte {result['bits_per_byte']:.4f}")
+
+
+def add_commands(commands) -> None:
+  generate = commands.add_parser(
+      "generate", help="continue prompts with a trained run (text on stdout)",
+      description="Continue prompts with the newest checkpoint of a run. Only the generated "
+      "text goes to stdout (several texts are separated by a blank line, or use --jsonl); "
+      "progress goes to stderr. A prompt is refused, not truncated, when it leaves no room "
+      "for --max_new_tokens in the context. --config.mesh.KEY=VALUE picks the mesh.")
+  common.add_workdir_argument(generate)
+  prompt = generate.add_mutually_exclusive_group(required=True)
+  prompt.add_argument("--prompt", help="text to continue")
+  prompt.add_argument("--prompt_file", help="one prompt per line (.jsonl: a JSON string or "
+                      '{"prompt": ...} per line)')
+  generate.add_argument("--max_new_tokens", type=int,
+                        help="new tokens at most (default: the rest of the context, <= 256)")
+  generate.add_argument("--temperature", type=float,
+                        help="0 is greedy (default); higher samples more freely")
+  generate.add_argument("--top_k", type=int, help="sample only among the k most likely tokens")
+  generate.add_argument("--top_p", type=float,
+                        help="sample only within the smallest set of mass >= p (nucleus)")
+  generate.add_argument("--beams", type=int, help="beam search with this many beams")
+  generate.add_argument("--length_penalty", type=float,
+                        help="beams rank by log-prob / length**this (0: total log-prob)")
+  generate.add_argument("--num_samples", type=int,
+                        help="texts per prompt (samples, or the best beams)")
+  generate.add_argument("--seed", type=int, help="seed of the sampling")
+  generate.add_argument("--batch_size", type=int, help="rows decoded at once")
+  generate.add_argument("--echo", action="store_true", help="print each prompt before its text")
+  generate.add_argument("--jsonl", action="store_true",
+                        help="one JSON object per text: prompt_index, sample, prompt, text")
+  generate.set_defaults(handler=_generate)
+
+  predict = commands.add_parser(
+      "predict", help="the next-token probability distribution after a prompt",
+      description="Print the most likely next tokens after a prompt with their "
+      "probabilities, and the probability mass of all the others.")
+  common.add_workdir_argument(predict)
+  predict.add_argument("--prompt", required=True, help="text whose next token to predict")
+  predict.add_argument("--top", type=int, help="tokens to list")
+  predict.add_argument("--plot", help="also save a bar chart as this PNG")
+  predict.add_argument("--json", action="store_true", help="print one JSON object")
+  predict.set_defaults(handler=_predict)
+
+  evaluate = commands.add_parser(
+      "eval", help="loss, perplexity and bits per byte of a trained run",
+      description="Score the run's validation split (or --files) with the newest checkpoint: "
+      "mean next-token loss, perplexity and bits per byte, with the tokens scored.")
+  common.add_workdir_argument(evaluate)
+  evaluate.add_argument("--files",
+                        help="glob of files to score instead (quote it; .jsonl: one document "
+                        "per line)")
+  evaluate.add_argument("--max_tokens", type=int,
+                        help="stop after the document that reaches this many tokens (0: all)")
+  evaluate.add_argument("--batch_size", type=int,
+                        help="rows scored at once (default: the run's train.batch_size)")
+  evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+  evaluate.set_defaults(handler=_eval)

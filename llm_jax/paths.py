@@ -1,0 +1,37 @@
+"""Checks of the paths a run or a command writes into, made before any work is done.
+
+A bad path fails at once with one sentence, not after a compile or a training run, and
+nothing already written is overwritten.
+"""
+
+import os
+import pathlib
+
+from llm_jax.errors import UserError
+
+
+def _refuse_a_file_on_the_way(path: pathlib.Path, value: str | os.PathLike, option: str) -> None:
+  existing = next(p for p in (path, *path.parents) if p.exists())
+  if not existing.is_dir():
+    raise UserError(f"{option} {value} cannot be used: {existing} is a file, not a directory; "
+                    f"choose another {option}.")
+
+
+def check_directory(value: str | os.PathLike, option: str) -> pathlib.Path:
+  """An option's `value` as a directory to write into (made if missing); refused if it or a
+  parent is a file."""
+  path = pathlib.Path(value).expanduser()
+  _refuse_a_file_on_the_way(path, value, option)
+  return path
+
+
+def check_new_file(value: str | os.PathLike, option: str, replace: bool = False) -> pathlib.Path:
+  """An option's `value` as a file to write; refused if it is a directory or lies under a
+  file, and unless `replace`, if it exists: nothing already written is overwritten."""
+  path = pathlib.Path(value).expanduser()
+  if path.is_dir():
+    raise UserError(f"{option} {value} is a directory; give the path of a file.")
+  if path.exists() and not replace:
+    raise UserError(f"{path} already exists; choose another {option} (nothing was overwritten).")
+  _refuse_a_file_on_the_way(path.parent, value, option)
+  return path
