@@ -327,8 +327,9 @@ def _prepare_shared_tokenizer(sweep: Sweep, members: list[Member],
     return
   from llm_jax.data import sources, tokenizer
   config = members[0].config
-  print("The sweep's members share one tokenizer:", file=sys.stderr)
-  tokenizer.for_run(config, sources.open_sources(config.data)).save(path)
+  print(f"Training the sweep's shared {config.model.vocab_size}-piece tokenizer", file=sys.stderr)
+  tokenizer.train_on_sources(sources.open_sources(config.data), config.model.vocab_size,
+                             config.data.tokenizer_sample_bytes, config.train.seed).save(path)
 
 
 def describe(members: list[Member]) -> str:

@@ -142,9 +142,7 @@ def test_damaged_newest_checkpoint_is_set_aside_for_the_previous(short_run, tmp_
       [(source.train, w) for source, w in sources.open_sources(config.data)], run_tokenizer,
       config.model.context_length, config.train.batch_size, seed=config.train.seed))
   checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", 3)
-  state, step = checkpoint.restore_newest(
-      checkpointer, lambda step: checkpointer.restore(step, built.abstract_state(), iterator),
-      print)
+  state, step = loop.resume_state(checkpointer, config, built.abstract_state(), iterator)
   checkpointer.close()
   assert step == 15 and int(state.step) == 15
   # The damaged checkpoint was moved, not deleted; the valid ones are all still there.
@@ -240,13 +238,13 @@ def _inject_nan_at(monkeypatch, bad_step):
   calls = {"n": 0}
   real = sharding.global_batch
 
-  def global_batch(batch, mesh):
+  def global_batch(batch, mesh, shardings=None):
     if "targets" in batch and batch["inputs"].shape[0] == 8:
       calls["n"] += 1
       # The evaluation set is built first: train.eval_tokens=512 is 16 rows, 2 batches of 8.
       if calls["n"] == bad_step + 2:
         batch = {**batch, "weights": np.full_like(batch["weights"], np.nan)}
-    return real(batch, mesh)
+    return real(batch, mesh, shardings)
 
   monkeypatch.setattr(loop.sharding, "global_batch", global_batch)
 

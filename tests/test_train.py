@@ -109,11 +109,11 @@ def _params(workdir):
 
 
 def test_init_from_starts_a_new_run_from_the_parameters_only(trained, text_corpus, tmp_path):
-  config, source, _ = trained
+  _, source, _ = trained
   before = snapshot(source)
   new = tmp_path / "continued"
   # Continued pretraining at a longer context with another RoPE base keeps every shape.
-  summary = train(tiny_config(f"data.source=files:{text_corpus}/*.py", BF16, "train.steps=5",
+  train(tiny_config(f"data.source=files:{text_corpus}/*.py", BF16, "train.steps=5",
                               "train.warmup_steps=1", "train.learning_rate=1e-9",
                               "model.context_length=64", "model.rope_theta=20000",
                               "train.sample_tokens=0", f"train.init_from={source}"), new)
@@ -126,9 +126,8 @@ def test_init_from_starts_a_new_run_from_the_parameters_only(trained, text_corpu
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), _params(new),
                _params(source))
   rows = _rows(new)
-  assert [r["step"] for r in rows] == [5]  # step 0, fresh optimizer and schedule
-  assert rows[0]["loss"] < math.log(config.model.vocab_size) - 1.5  # not a random model
-  assert summary["val_loss"] < math.log(config.model.vocab_size) - 1.5
+  assert [r["step"] for r in rows] == [5]  # from step 0, with a fresh schedule
+  assert rows[0]["loss"] < _rows(source)[0]["loss"] - 0.5  # not where a random model starts
 
 
 def test_init_from_initialises_a_new_head_fresh_and_names_it(trained, text_corpus, tmp_path,

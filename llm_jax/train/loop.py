@@ -61,6 +61,17 @@ def evaluate(built, params, batches, frozen=None) -> float:
   return loss_sum / max(weight, 1.0)
 
 
+def resume_state(checkpointer, config, abstract_state, data_iterator):
+  """(state, step) of the newest checkpoint that restores, the data iterator moved to where it
+  was then; (None, 0) if none does. A checkpoint of another model is refused; a damaged one
+  is set aside (`checkpoint.restore_newest`)."""
+  def restore(step):
+    _refuse_other_model(config_lib.from_json(checkpointer.metadata(step)["config"]), config,
+                        f"The checkpoint at step {step}")
+    return checkpointer.restore(step, abstract_state, data_iterator)
+  return checkpoint.restore_newest(checkpointer, restore, log)
+
+
 class _Requests:
   """SIGTERM/SIGINT ask to stop after the current step; SIGUSR1 asks for a checkpoint."""
 
@@ -204,12 +215,7 @@ def _train(config, workdir, requests, objective, batch_source, frozen) -> dict:
   eval_batches = [built.global_batch(b) for b in batches.evaluation]
   checkpointer = checkpoint.Checkpointer(directory, t.keep_checkpoints, t.keep_steps)
 
-  def restore(step):
-    _refuse_other_model(config_lib.from_json(checkpointer.metadata(step)["config"]), config,
-                        f"The checkpoint at step {step}")
-    return checkpointer.restore(step, built.abstract_state(), batches.train)
-
-  state, start_step = checkpoint.restore_newest(checkpointer, restore, log)
+  state, start_step = resume_state(checkpointer, config, built.abstract_state(), batches.train)
   saved = config.copy_and_resolve_references()
   if state is not None:
     log(f"Resumed from the checkpoint at step {start_step}")
