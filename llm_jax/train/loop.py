@@ -66,7 +66,12 @@ def resume_state(checkpointer, config, abstract_state, data_iterator):
   was then; (None, 0) if none does. A checkpoint of another model is refused; a damaged one
   is set aside (`checkpoint.restore_newest`)."""
   def restore(step):
-    _refuse_other_model(config_lib.from_json(checkpointer.metadata(step)["config"]), config,
+    meta = checkpointer.metadata(step)
+    if meta.get("params_only"):
+      run = checkpointer.directory.parent
+      raise UserError(f"{run} holds imported parameters, not a training run to resume; start "
+                      f"a new --workdir with --config.train.init_from={run}.")
+    _refuse_other_model(config_lib.from_json(meta["config"]), config,
                         f"The checkpoint at step {step}")
     return checkpointer.restore(step, abstract_state, data_iterator)
   return checkpoint.restore_newest(checkpointer, restore, log)
@@ -186,8 +191,8 @@ def train(config, workdir, objective=NEXT_TOKEN, batch_source=text_batches,
   `objective` says what a step minimises (`llm_jax.objectives`); `batch_source(config,
   workdir, inherited_tokenizer)` returns the run's `BatchSource` (default: packed text);
   `frozen(mesh)`, if given, returns the objective's frozen inputs placed on the run's mesh.
-  SIGTERM or SIGINT ends the run after the
-  current step with a checkpoint (exit status 0); SIGUSR1 writes a checkpoint and goes on.
+  SIGTERM or SIGINT ends the run after the current step with a checkpoint (exit status 0);
+  SIGUSR1 writes a checkpoint and goes on.
   """
   with _Requests() as requests:
     return _train(config, pathlib.Path(workdir).expanduser(), requests, objective,
