@@ -110,18 +110,26 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state, data_iterator, config_json: str,
-           tokenizer_proto: bytes) -> float:
+           tokenizer_bytes: bytes) -> float:
     """Starts saving; returns the seconds training was blocked."""
     start = time.perf_counter()
-    meta = {"step": step, "config": config_json,
-            "tokenizer": base64.b64encode(tokenizer_proto).decode("ascii")}
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=_DataSave(data_iterator),
-        meta=ocp.args.JsonSave(meta)), force=True)
+        meta=ocp.args.JsonSave(_meta(step, config_json, tokenizer_bytes))), force=True)
     return time.perf_counter() - start
 
+  def save_params(self, step: int, params, config_json: str, tokenizer_bytes: bytes) -> None:
+    """Saves parameters alone (an imported model): inference and `train.init_from` read
+    them; a training run cannot resume from them (no optimizer state, no data position)."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": params}),
+        meta=ocp.args.JsonSave(_meta(step, config_json, tokenizer_bytes, params_only=True))),
+        force=True)
+    self.wait()
+
   def metadata(self, step: int) -> dict:
-    """The `meta` item: {'step', 'config' (JSON text), 'tokenizer' (SentencePiece bytes)}."""
+    """The `meta` item: {'step', 'config' (JSON text), 'tokenizer' (its bytes), and
+    'params_only' for a checkpoint of parameters alone}."""
     meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     if not isinstance(meta, dict) or meta.get("step") != step:
       raise ValueError(f"unreadable metadata for step {step}")
@@ -168,6 +176,12 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _meta(step: int, config_json: str, tokenizer_bytes: bytes, params_only: bool = False):
+  meta = {"step": step, "config": config_json,
+          "tokenizer": base64.b64encode(tokenizer_bytes).decode("ascii")}
+  return {**meta, "params_only": True} if params_only else meta
 
 
 def saved_steps(directory) -> list[int]:

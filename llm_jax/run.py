@@ -205,17 +205,22 @@ def _inference_mesh(config, mesh_overrides: Sequence[str]) -> Mesh:
     return sharding.make_mesh(config.mesh)
 
 
-def load_run(workdir, mesh_overrides: Sequence[str] = ()) -> Run:
-  """The newest readable checkpoint of the run in `workdir`, ready for inference.
+def load_run(workdir, mesh_overrides: Sequence[str] = (), step: int | None = None) -> Run:
+  """The newest readable checkpoint of the run in `workdir` (or the one of `step`), ready
+  for inference.
 
   A checkpoint that cannot be read is reported on stderr and the one before it is used;
   nothing in the run directory is moved or written.
   """
   workdir = pathlib.Path(workdir)
   directory = workdir / "checkpoints"
-  if not checkpoint.saved_steps(directory):
+  steps = checkpoint.saved_steps(directory)
+  if not steps:
     raise UserError(f"{workdir} has no checkpoint; train one with `llm-jax train --workdir "
                     f"{workdir}` or point --workdir at a run directory.")
+  if step is not None and step not in steps:
+    raise UserError(f"{workdir} has no checkpoint at step {step}; it has steps "
+                    f"{', '.join(map(str, steps))}.")
   checkpointer = checkpoint.Checkpointer(directory, read_only=True)
 
   def load(step):
@@ -226,7 +231,7 @@ def load_run(workdir, mesh_overrides: Sequence[str] = ()) -> Run:
     params = checkpointer.restore_params(step, sharding.abstract_params(model, mesh))
     return Run(workdir, step, config, model, params, Tokenizer(meta["tokenizer"]), mesh)
 
-  run, _ = checkpoint.restore_newest(checkpointer, load, log)
+  run, _ = checkpoint.restore_newest(checkpointer, load, log, None if step is None else [step])
   if run is None:
     raise UserError(f"No checkpoint in {directory} could be read; see the messages above.")
   return run

@@ -9,14 +9,14 @@ import argparse
 import sys
 
 from llm_jax import host_memory
-from llm_jax.cli import common, data, inference, study, tokenizer, train
+from llm_jax.cli import common, data, hf, inference, study, tokenizer, train
 from llm_jax.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="llm-jax", description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest="command", required=True)
-  for group in (train, tokenizer, inference, data, study):
+  for group in (train, tokenizer, inference, data, study, hf):
     group.add_commands(commands)
   return parser
 
