@@ -14,7 +14,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.model = m = ml_collections.ConfigDict()
-  m.vocab_size = 512  # tokenizer vocabulary; a given data.tokenizer must have exactly this size
+  m.vocab_size = 512  # embedding rows; a trained tokenizer gets this size, a given one at most it
   m.d_model = 256  # width of the residual stream
   m.num_layers = 4  # transformer blocks
   m.num_heads = 4  # query heads
