@@ -296,7 +296,9 @@ EXECUTION_ONLY_MODEL_KEYS = ("dtype", "remat_policy", "attention", "attention_bl
 
 def model_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> list[str]:
   """Model keys whose values differ, as 'model.key: a -> b' strings, leaving out the
-  execution-only ones."""
+  execution-only ones. A key missing from one side (a config saved before the key existed)
+  has its default there."""
+  defaults = base.get_config().model
   keys = sorted((set(a.model.keys()) | set(b.model.keys())) - set(EXECUTION_ONLY_MODEL_KEYS))
-  return [f"model.{k}: {a.model.get(k)!r} -> {b.model.get(k)!r}"
-          for k in keys if a.model.get(k) != b.model.get(k)]
+  values = [(k, a.model.get(k, defaults.get(k)), b.model.get(k, defaults.get(k))) for k in keys]
+  return [f"model.{k}: {x!r} -> {y!r}" for k, x, y in values if x != y]

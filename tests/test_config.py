@@ -68,6 +68,14 @@ def test_an_explicit_head_dim_frees_num_heads_from_dividing_d_model():
                                   "model.head_dim=16"), 8)
 
 
+def test_a_config_saved_before_a_model_key_existed_has_its_default():
+  saved = tiny_config()
+  del saved.model["head_dim"]
+  assert config_lib.model_differences(saved, tiny_config()) == []
+  assert config_lib.model_differences(saved, tiny_config("model.head_dim=16")) == [
+      "model.head_dim: 0 -> 16"]
+
+
 def test_mesh_fill_axis():
   c = tiny_config("mesh.data=2", "mesh.fsdp=-1", "mesh.tensor=2")
   assert config_lib.resolve_mesh_shape(c.mesh, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
