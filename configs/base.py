@@ -14,14 +14,20 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.model = m = ml_collections.ConfigDict()
-  m.vocab_size = 512  # tokenizer vocabulary; a given data.tokenizer must have exactly this size
+  m.vocab_size = 512  # embedding rows; a trained tokenizer gets this size, a given one at most it
   m.d_model = 256  # width of the residual stream
   m.num_layers = 4  # transformer blocks
-  m.num_heads = 4  # query heads; head_dim = d_model / num_heads
+  m.num_heads = 4  # query heads
+  m.head_dim = 0  # width of each query and key/value head (0: d_model / num_heads)
   m.num_kv_heads = 2  # key/value heads (grouped-query attention); must divide num_heads
   m.mlp_dim = 768  # hidden width of the SwiGLU MLP
   m.context_length = 128  # tokens per training sequence
   m.rope_theta = 10_000.0  # base of the rotary position embedding frequencies
+  m.rope_scaling = "none"  # none, or llama3: Llama 3.1 long-context frequencies (keys below)
+  m.rope_scaling_factor = 8.0  # llama3: long wavelengths are stretched by this factor
+  m.rope_low_freq_factor = 1.0  # llama3: wavelengths over original_context / this are stretched
+  m.rope_high_freq_factor = 4.0  # llama3: wavelengths under original_context / this are kept
+  m.rope_original_context = 8192  # llama3: context length the unscaled frequencies were trained on
   m.norm_eps = 1e-5  # epsilon of RMSNorm
   m.tie_embeddings = True  # share the input embedding with the output projection
   m.dtype = "float32"  # compute dtype of activations and matmuls (float32 or bfloat16)

@@ -15,6 +15,7 @@ import pathlib
 
 import ml_collections
 
+from llm_jax import flops
 from llm_jax.configs import base
 from llm_jax.errors import UserError
 
@@ -23,6 +24,7 @@ DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "xla_blocked", "cudnn")
 MATMUL_PRECISIONS = ("auto", "float32", "bfloat16")
+ROPE_SCALINGS = ("none", "llama3")
 MESH_AXES = ("data", "fsdp", "tensor")
 MIN_VOCAB_SIZE = 384
 
@@ -128,13 +130,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
               "model.num_kv_heads", "model.mlp_dim", "model.context_length", "train.steps",
               "train.batch_size", "train.grad_accum_steps", "train.log_every",
               "train.eval_tokens", "train.keep_checkpoints", "model.rope_theta",
-              "train.learning_rate", "model.norm_eps", "model.attention_block_size"]
+              "train.learning_rate", "model.norm_eps", "model.attention_block_size",
+              "model.rope_scaling_factor", "model.rope_low_freq_factor",
+              "model.rope_high_freq_factor", "model.rope_original_context"]
   for name in positive:
     value = _get(config, name)
     if not value > 0:
       raise UserError(f"{name}={value} must be positive.")
   non_negative = ["train.warmup_steps", "train.eval_every", "train.checkpoint_every",
-                  "model.scan_unroll",
+                  "model.scan_unroll", "model.head_dim",
                   "train.checkpoint_minutes",
                   "train.weight_decay", "train.grad_clip", "train.sample_tokens",
                   "train.sample_temperature", "train.min_lr_ratio", "train.seed"]
@@ -142,12 +146,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     value = _get(config, name)
     if value < 0:
       raise UserError(f"{name}={value} must be zero or positive.")
-  if m.d_model % m.num_heads:
+  if not m.head_dim and m.d_model % m.num_heads:
     raise UserError(f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; "
-                    f"valid head counts are {_divisors(m.d_model)}.")
-  if (m.d_model // m.num_heads) % 2:
-    raise UserError(f"head_dim = model.d_model / model.num_heads = {m.d_model // m.num_heads} "
-                    "must be even for rotary embeddings; change num_heads or d_model.")
+                    f"valid head counts are {_divisors(m.d_model)}, or set model.head_dim.")
+  if m.head_dim % 2:
+    raise UserError(f"model.head_dim={m.head_dim} must be even for rotary embeddings.")
+  if flops.head_dim(m) % 2:
+    raise UserError(f"head_dim = model.d_model / model.num_heads = {flops.head_dim(m)} "
+                    "must be even for rotary embeddings; change num_heads or d_model, or set "
+                    "model.head_dim.")
+  if m.rope_high_freq_factor <= m.rope_low_freq_factor:
+    raise UserError(f"model.rope_high_freq_factor={m.rope_high_freq_factor} must exceed "
+                    f"model.rope_low_freq_factor={m.rope_low_freq_factor}.")
   if m.num_heads % m.num_kv_heads:
     raise UserError(f"model.num_kv_heads={m.num_kv_heads} does not divide "
                     f"model.num_heads={m.num_heads}; valid values are {_divisors(m.num_heads)}.")
@@ -155,6 +165,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                       ("model.remat_policy", REMAT_POLICIES),
                       ("model.attention", ATTENTION_IMPLEMENTATIONS),
                       ("model.matmul_precision", MATMUL_PRECISIONS),
+                      ("model.rope_scaling", ROPE_SCALINGS),
                       ("train.on_nonfinite", ("stop", "skip"))):
     if _get(config, name) not in valid:
       raise UserError(f"{name}={_get(config, name)!r} is not one of {', '.join(valid)}.")
@@ -285,7 +296,9 @@ EXECUTION_ONLY_MODEL_KEYS = ("dtype", "remat_policy", "attention", "attention_bl
 
 def model_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> list[str]:
   """Model keys whose values differ, as 'model.key: a -> b' strings, leaving out the
-  execution-only ones."""
+  execution-only ones. A key missing from one side (a config saved before the key existed)
+  has its default there."""
+  defaults = base.get_config().model
   keys = sorted((set(a.model.keys()) | set(b.model.keys())) - set(EXECUTION_ONLY_MODEL_KEYS))
-  return [f"model.{k}: {a.model.get(k)!r} -> {b.model.get(k)!r}"
-          for k in keys if a.model.get(k) != b.model.get(k)]
+  values = [(k, a.model.get(k, defaults.get(k)), b.model.get(k, defaults.get(k))) for k in keys]
+  return [f"model.{k}: {x!r} -> {y!r}" for k, x, y in values if x != y]

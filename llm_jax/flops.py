@@ -1,6 +1,7 @@
 """Parameter counts, FLOPs per token and MFU: one documented formula used everywhere.
 
-Parameters (h = d_model / num_heads, N = num_heads, K = num_kv_heads, V = vocab):
+Parameters (N = num_heads, K = num_kv_heads, V = vocab, h = the head width `head_dim`:
+model.head_dim, or d_model / N when that is 0):
   embedding      V * d_model                 (the output head too, unless tied)
   per block      d_model * N*h  (query)  + 2 * d_model * K*h  (key, value)
                  + N*h * d_model  (output)  + 3 * d_model * mlp_dim  (SwiGLU)
@@ -20,11 +21,15 @@ MFU = achieved model FLOP/s / peak FLOP/s, with the peak from `llm_jax.hardware.
 """
 
 
+def head_dim(model_config) -> int:
+  """The width of one attention head: `model.head_dim`, or d_model / num_heads when it is 0."""
+  return model_config.head_dim or model_config.d_model // model_config.num_heads
+
+
 def param_counts(model_config) -> dict[str, int]:
   """Returns total, embedding and non-embedding parameter counts (see module docstring)."""
   m = model_config
-  head_dim = m.d_model // m.num_heads
-  attention = m.d_model * head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+  attention = m.d_model * head_dim(m) * (2 * m.num_heads + 2 * m.num_kv_heads)
   mlp = 3 * m.d_model * m.mlp_dim
   block = attention + mlp + 2 * m.d_model
   embedding = m.vocab_size * m.d_model
@@ -40,11 +45,11 @@ def param_counts(model_config) -> dict[str, int]:
 def flops_per_token(model_config) -> float:
   """Training (forward + backward) FLOPs per token; formula in the module docstring."""
   m = model_config
-  head_dim = m.d_model // m.num_heads
+  h = head_dim(m)
   blocks_matmul = m.num_layers * (
-      m.d_model * head_dim * (2 * m.num_heads + 2 * m.num_kv_heads) + 3 * m.d_model * m.mlp_dim)
+      m.d_model * h * (2 * m.num_heads + 2 * m.num_kv_heads) + 3 * m.d_model * m.mlp_dim)
   matmul_params = blocks_matmul + m.vocab_size * m.d_model
-  attention = 12 * m.num_layers * m.num_heads * head_dim * m.context_length
+  attention = 12 * m.num_layers * m.num_heads * h * m.context_length
   return 6.0 * matmul_params + attention
 
 

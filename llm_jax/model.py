@@ -4,7 +4,8 @@ Pure functional: `Transformer(ModelConfig).init/apply`, parameters in, logits ou
 parameter and every large activation carries logical axis names (`batch`, `length`, `embed`,
 `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`); `llm_jax.sharding` maps them to
 the mesh. Shape suffixes: B batch, T query length, S key length, D d_model, N query heads,
-K kv heads, G = N/K queries per kv head, H head_dim, F mlp_dim, V vocab.
+K kv heads, G = N/K queries per kv head, H head_dim, P = H/2 rotary pairs, F mlp_dim,
+V vocab.
 
 Packed sequences: `segment_ids` (0 = padding) keep documents from attending to each other,
 and `positions` restart at each document, so a packed document sees exactly what it would
@@ -16,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax import flops
 from llm_jax.kernels import blocked_causal_attention, project
 
 _REMAT_POLICIES = {
@@ -39,7 +41,13 @@ class ModelConfig:
   num_kv_heads: int
   mlp_dim: int
   context_length: int
+  head_dim: int = 0  # 0: d_model / num_heads; always the effective width once built
   rope_theta: float = 10_000.0
+  rope_scaling: str = "none"  # none, or llama3 (Llama 3.1's long-context frequencies)
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_context: int = 8192
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   dtype: str = "float32"
@@ -57,16 +65,13 @@ class ModelConfig:
     if unresolved:
       raise ValueError(f"model.{unresolved[0]} is still 'auto'; build the model from "
                        "llm_jax.config.resolve(config).model.")
+    object.__setattr__(self, "head_dim", flops.head_dim(self))  # frozen: set once, here
 
   @classmethod
   def from_config(cls, model_config) -> "ModelConfig":
     """Builds from the `model` section of a resolved config (an ml_collections ConfigDict)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in model_config.items() if k in fields})
-
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.num_heads
 
   @property
   def bf16_operands(self) -> bool:
@@ -96,12 +101,26 @@ class RMSNorm(nn.Module):
     return (x * scale_D.astype(jnp.float32)[None, None, :]).astype(self.config.dtype)
 
 
-def apply_rotary(x_BTNH, positions_BT, theta: float):
-  """Rotates pairs (i, i + H/2) of each head by angle position * theta^(-2i/H)."""
-  half = x_BTNH.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
-  sin, cos = jnp.sin(angles_BTF)[:, :, None, :], jnp.cos(angles_BTF)[:, :, None, :]
+def rotary_inv_freq(c: ModelConfig):
+  """Angular frequency of each rotated pair (i, i + H/2): rope_theta^(-2i/H), or with
+  `rope_scaling='llama3'` Llama 3.1's, which stretches the long wavelengths for long contexts."""
+  half = c.head_dim // 2
+  inv_freq_P = c.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if c.rope_scaling == "none":
+    return inv_freq_P
+  # Wavelengths (2 pi / frequency) shorter than rope_original_context / high_freq_factor
+  # keep their frequency, ones longer than rope_original_context / low_freq_factor have it
+  # divided by the factor, and those between are blended linearly in context / wavelength.
+  context_per_wavelength_P = c.rope_original_context * inv_freq_P / (2 * jnp.pi)
+  kept_P = jnp.clip((context_per_wavelength_P - c.rope_low_freq_factor) /
+                    (c.rope_high_freq_factor - c.rope_low_freq_factor), 0.0, 1.0)
+  return kept_P * inv_freq_P + (1 - kept_P) * inv_freq_P / c.rope_scaling_factor
+
+
+def apply_rotary(x_BTNH, positions_BT, inv_freq_P):
+  """Rotates pairs (i, i + H/2) of each head by angle position * inv_freq_P[i]."""
+  angles_BTP = positions_BT.astype(jnp.float32)[..., None] * inv_freq_P[None, None, :]
+  sin, cos = jnp.sin(angles_BTP)[:, :, None, :], jnp.cos(angles_BTP)[:, :, None, :]
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x_BTNH.dtype)
@@ -148,8 +167,9 @@ class Attention(nn.Module):
     q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "heads", "head_dim"))
     k_BSKH = nn.with_logical_constraint(k_BSKH, ("batch", "length", "kv_heads", "head_dim"))
     v_BSKH = nn.with_logical_constraint(v_BSKH, ("batch", "length", "kv_heads", "head_dim"))
-    q_BTNH = apply_rotary(q_BTNH, positions_BT, c.rope_theta)
-    k_BSKH = apply_rotary(k_BSKH, positions_BT, c.rope_theta)
+    inv_freq_P = rotary_inv_freq(c)
+    q_BTNH = apply_rotary(q_BTNH, positions_BT, inv_freq_P)
+    k_BSKH = apply_rotary(k_BSKH, positions_BT, inv_freq_P)
 
     if decode:
       k_BSKH, v_BSKH = self._write_cache(k_BSKH, v_BSKH, positions_BT)

@@ -48,10 +48,32 @@ def test_bad_override_names_the_key(override, words):
     (["train.steps=0"], ["train.steps=0"]),
     (["model.dtype=float16"], ["model.dtype", "bfloat16"]),
     (["mesh.tensor=16", "mesh.fsdp=1"], ["16"]),
+    (["model.head_dim=7"], ["model.head_dim=7", "even"]),
+    (["model.head_dim=-8"], ["model.head_dim=-8"]),
+    (["model.d_model=40"], ["model.d_model / model.num_heads = 5", "even", "model.head_dim"]),
+    (["model.rope_scaling=yarn"], ["model.rope_scaling='yarn'", "llama3"]),
+    (["model.rope_scaling_factor=0"], ["model.rope_scaling_factor=0", "positive"]),
+    (["model.rope_low_freq_factor=-1"], ["model.rope_low_freq_factor=-1", "positive"]),
+    (["model.rope_original_context=0"], ["model.rope_original_context=0", "positive"]),
+    (["model.rope_high_freq_factor=1"], ["model.rope_high_freq_factor=1.0",
+                                         "model.rope_low_freq_factor=1.0"]),
 ])
 def test_validation_names_key_value_and_fix(overrides, words):
   message = _error(tiny_config(*overrides))
   assert all(w in message for w in words), message
+
+
+def test_an_explicit_head_dim_frees_num_heads_from_dividing_d_model():
+  config_lib.validate(tiny_config("model.num_heads=6", "model.num_kv_heads=3",
+                                  "model.head_dim=16"), 8)
+
+
+def test_a_config_saved_before_a_model_key_existed_has_its_default():
+  saved = tiny_config()
+  del saved.model["head_dim"]
+  assert config_lib.model_differences(saved, tiny_config()) == []
+  assert config_lib.model_differences(saved, tiny_config("model.head_dim=16")) == [
+      "model.head_dim: 0 -> 16"]
 
 
 def test_mesh_fill_axis():

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from llm_jax import config as config_lib
-from llm_jax import flops
+from llm_jax import flops, plan
 from llm_jax.model import ModelConfig, Transformer
 
 from conftest import tiny_config
@@ -35,6 +35,38 @@ def test_flops_per_token_matches_a_hand_count_including_attention():
   attention = 2 * 3 * 2 * (2 * 32 * (8 * head_dim))  # 49152
   assert attention == 12 * 2 * 8 * head_dim * 32
   assert flops.flops_per_token(m) == dense + attention == 688128
+
+
+def test_an_explicit_head_dim_sets_the_attention_width_in_the_hand_count():
+  m = _model_config("model.head_dim=12")  # 8 heads of 12: attention 96 wide, d_model 64
+  query = out = 64 * (8 * 12)  # 6144 each
+  key = value = 64 * (4 * 12)  # 3072 each
+  mlp = 3 * 64 * 128  # 24576
+  per_layer = query + key + value + out + mlp  # 43008
+  embedding = 512 * 64  # 32768, tied: also the output head
+  norms = 2 * 2 * 64 + 64  # two per layer, and the final one
+  assert flops.param_counts(m) == {"params": 2 * per_layer + norms + embedding,  # 119104
+                                   "params_embedding": embedding,
+                                   "params_non_embedding": 2 * per_layer + norms}
+  attention = 12 * 2 * (8 * 12) * 32  # 73728: scores and values over 96-wide heads
+  assert flops.flops_per_token(m) == 6 * (2 * per_layer + embedding) + attention == 786432
+
+
+def test_mistral_nemo_counts_equal_transformers_and_the_models_own_parameters():
+  """Mistral Nemo's heads (32 x 128 = 4096) are narrower than its d_model (5120)."""
+  import torch
+  from transformers import MistralConfig, MistralForCausalLM
+  config = tiny_config("model.vocab_size=131072", "model.d_model=5120", "model.num_layers=40",
+                       "model.num_heads=32", "model.num_kv_heads=8", "model.head_dim=128",
+                       "model.mlp_dim=14336", "model.tie_embeddings=false")
+  with torch.device("meta"):  # shapes only, nothing allocated
+    hf_model = MistralForCausalLM(MistralConfig(
+        vocab_size=131072, hidden_size=5120, num_hidden_layers=40, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, intermediate_size=14336,
+        tie_word_embeddings=False))
+  hf_params = sum(p.numel() for p in hf_model.parameters())
+  assert flops.param_counts(config.model)["params"] == hf_params == 12_247_782_400
+  assert plan.model_param_counts(config)["params"] == hf_params
 
 
 def _matmul_kernel_sizes(model_config):

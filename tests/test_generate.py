@@ -26,9 +26,13 @@ def model_and_params():
   return model, params
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_cached_decoding_equals_the_full_forward_pass(scan):
-  model = _model(f"model.scan_layers={scan}")
+@pytest.mark.parametrize("overrides", [
+    ["model.scan_layers=true"], ["model.scan_layers=false"],
+    # Heads wider than d_model / num_heads (the cache holds them), and Llama 3.1 rotary.
+    ["model.head_dim=12", "model.rope_scaling=llama3", "model.rope_original_context=16"],
+])
+def test_cached_decoding_equals_the_full_forward_pass(overrides):
+  model = _model(*overrides)
   tokens_BT = jax.random.randint(jax.random.key(1), (2, 20), 4, 512)
   params = model.init(jax.random.key(0), tokens_BT)["params"]
   full_BTV = model.apply({"params": params}, tokens_BT)

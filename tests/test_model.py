@@ -1,3 +1,5 @@
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,7 +8,7 @@ import pytest
 
 from llm_jax import flops
 from llm_jax import config as config_lib
-from llm_jax.model import ModelConfig, apply_rotary
+from llm_jax.model import ModelConfig, apply_rotary, rotary_inv_freq
 
 from conftest import model_of, tiny_config
 
@@ -22,6 +24,7 @@ def _model(*overrides):
 @pytest.mark.parametrize("overrides", [
     [], ["model.tie_embeddings=false"], ["model.scan_layers=false"],
     ["model.num_kv_heads=2", "model.mlp_dim=96", "model.num_layers=3"],
+    ["model.head_dim=12"],  # heads * head_dim = 96 wide, d_model 64
 ])
 def test_parameter_count_matches_formula(overrides):
   c, _, params = _model(*overrides)
@@ -42,19 +45,64 @@ def test_causality():
   assert not np.allclose(a[:, t:], b[:, t:])  # the change is visible from t on
 
 
-def test_rotary_scores_depend_only_on_relative_position():
+def _model_config(*overrides) -> ModelConfig:
+  return ModelConfig.from_config(config_lib.resolve(tiny_config(*overrides)).model)
+
+
+@pytest.mark.parametrize("scaling", ["none", "llama3"])
+def test_rotary_scores_depend_only_on_relative_position(scaling):
   rng = np.random.default_rng(1)
   q = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+  inv_freq = rotary_inv_freq(_model_config("model.head_dim=16", f"model.rope_scaling={scaling}",
+                                           "model.rope_original_context=64"))
 
   def score(pq, pk):
-    rq = apply_rotary(q, jnp.array([[pq]]), 10_000.0)
-    rk = apply_rotary(k, jnp.array([[pk]]), 10_000.0)
+    rq = apply_rotary(q, jnp.array([[pq]]), inv_freq)
+    rk = apply_rotary(k, jnp.array([[pk]]), inv_freq)
     return float(jnp.sum(rq * rk))
 
   assert score(5, 2) == pytest.approx(score(105, 102), abs=1e-4)
   assert score(7, 7) == pytest.approx(score(0, 0), abs=1e-4)
   assert score(5, 2) != pytest.approx(score(5, 4), abs=1e-3)
+
+
+@pytest.mark.parametrize("theta, factor, low, high, original", [
+    (500_000.0, 8.0, 1.0, 4.0, 8192),  # Llama 3.1
+    (10_000.0, 16.0, 2.0, 8.0, 1024),
+])
+def test_llama3_rotary_frequencies_equal_transformers(theta, factor, low, high, original):
+  from transformers import LlamaConfig
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  hf_config = LlamaConfig(
+      hidden_size=64, num_attention_heads=8, head_dim=128,
+      max_position_embeddings=int(original * factor),
+      rope_parameters={"rope_type": "llama3", "rope_theta": theta, "factor": factor,
+                       "low_freq_factor": low, "high_freq_factor": high,
+                       "original_max_position_embeddings": original})
+  expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
+  config = _model_config(
+      "model.head_dim=128", f"model.rope_theta={theta}", "model.rope_scaling=llama3",
+      f"model.rope_scaling_factor={factor}", f"model.rope_low_freq_factor={low}",
+      f"model.rope_high_freq_factor={high}", f"model.rope_original_context={original}")
+  ours = np.asarray(rotary_inv_freq(config))
+  np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-6, atol=0)
+  # Every band occurs: frequencies kept, divided by the factor, and blended between.
+  plain = np.asarray(rotary_inv_freq(dataclasses.replace(config, rope_scaling="none")))
+  ratio = plain / ours
+  assert np.any(ratio == 1) and np.any(np.isclose(ratio, factor))
+  assert np.any((ratio > 1.01) & (ratio < factor * 0.99))
+
+
+def test_llama3_scaling_changes_the_model_only_through_its_factor():
+  _, plain, params = _model()
+  tokens = np.random.default_rng(8).integers(0, 512, (1, 32)).astype(np.int32)
+  unscaled = plain.apply({"params": params}, tokens)
+  for factor in (1.0, 4.0):
+    scaled = model_of(tiny_config("model.rope_scaling=llama3", "model.rope_original_context=32",
+                                  f"model.rope_scaling_factor={factor}"))
+    logits = scaled.apply({"params": params}, tokens)
+    assert np.allclose(logits, unscaled, atol=1e-5) == (factor == 1.0)
 
 
 def test_model_is_invariant_to_shifting_all_positions():

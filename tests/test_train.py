@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from llm_jax import cli
+from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
 from llm_jax.train.loop import train
 
@@ -77,12 +78,16 @@ def test_incompatible_resume_is_refused_and_nothing_changes(trained, text_corpus
   assert snapshot(workdir) == before
 
 
-def test_tokenizer_of_another_size_is_refused(trained, text_corpus, tmp_path):
+def test_tokenizer_larger_than_the_model_is_refused_and_a_smaller_one_used(
+    trained, text_corpus, tmp_path):
   _, workdir, _ = trained
-  config = tiny_config(f"data.source=files:{text_corpus}/*.py", "model.vocab_size=1024",
-                       f"data.tokenizer={workdir / 'tokenizer.model'}")
-  with pytest.raises(UserError, match="512 pieces but model.vocab_size=1024"):
-    train(config, tmp_path / "new")
+  given = f"data.tokenizer={workdir / 'tokenizer.model'}"  # 512 pieces
+  larger = tiny_config(f"data.source=files:{text_corpus}/*.py", "model.vocab_size=384", given)
+  with pytest.raises(UserError, match="512 pieces but model.vocab_size=384; set "
+                                      "--config.model.vocab_size=512 or more"):
+    train(larger, tmp_path / "new")
+  padded = tiny_config("model.vocab_size=1024", given)  # an embedding with 512 spare rows
+  assert tokenizer_lib.for_run(padded, []).vocab_size == 512
 
 
 @pytest.mark.parametrize("args, words", [

@@ -104,7 +104,9 @@ def for_run(config, mixture: list[tuple[Source, float]], workdir=None,
   tokenizer of the run `train.init_from` starts from), else one trained on the sources.
 
   With a `workdir`, process 0 saves it there as tokenizer.model (once) and every process
-  reads it back, so all processes tokenize alike. Its size must equal `model.vocab_size`.
+  reads it back, so all processes tokenize alike. It may have fewer pieces than
+  `model.vocab_size` (an embedding padded to a round size, as imported models have), never
+  more; a trained one has exactly that many.
   """
   saved = pathlib.Path(workdir) / "tokenizer.model" if workdir is not None else None
   given = config.data.tokenizer
@@ -123,10 +125,10 @@ def for_run(config, mixture: list[tuple[Source, float]], workdir=None,
         f"{config.data.tokenizer_sample_bytes / 1e6:.1f} MB of the training split")
     tokenizer = train_on_sources(mixture, config.model.vocab_size,
                                  config.data.tokenizer_sample_bytes, config.train.seed)
-  if tokenizer is not None and tokenizer.vocab_size != config.model.vocab_size:
+  if tokenizer is not None and tokenizer.vocab_size > config.model.vocab_size:
     raise UserError(f"The tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size="
                     f"{config.model.vocab_size}; set --config.model.vocab_size="
-                    f"{tokenizer.vocab_size}.")
+                    f"{tokenizer.vocab_size} or more.")
   if saved is None:
     return tokenizer
   if is_primary() and not saved.exists():
