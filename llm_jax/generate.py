@@ -22,27 +22,31 @@ from llm_jax.errors import UserError
 from llm_jax.model import Transformer
 
 
-def prefill(params, model: Transformer, prompt_BP, lengths_B):
-  """Caches the prompts' keys and values; returns (cache, each row's next-token logits)."""
+def prefill(params, model: Transformer, prompt_BP, lengths_B, num_tokens: int | None = None):
+  """Caches the prompts' keys and values; returns (cache, each row's next-token logits).
+
+  `num_tokens` keeps the logits of the first ids only: those the tokenizer has, when the
+  embedding is padded past it.
+  """
   B, P = prompt_BP.shape
   positions_BP = jnp.broadcast_to(jnp.arange(P), (B, P))
   logits_BPV, cache = model.apply({"params": params}, prompt_BP, None, positions_BP,
                                   decode=True, mutable=["cache"])
-  return cache, logits_BPV[jnp.arange(B), lengths_B - 1]
+  return cache, logits_BPV[jnp.arange(B), lengths_B - 1, :num_tokens]
 
 
-def _decode_one(params, model: Transformer, cache, token_B, positions_B):
+def _decode_one(params, model: Transformer, cache, token_B, positions_B, num_tokens):
   """Feeds one token per row at its position; returns (next-token logits, updated cache)."""
   logits_B1V, cache = model.apply({"params": params, **cache}, token_B[:, None], None,
                                   positions_B[:, None], decode=True, mutable=["cache"])
-  return logits_B1V[:, 0], cache
+  return logits_B1V[:, 0, :num_tokens], cache
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps", "top_k", "eos_id"))
+@functools.partial(jax.jit, static_argnames=("model", "steps", "top_k", "eos_id", "num_tokens"))
 def _generate(params, prompt_BP, lengths_B, key, temperature, top_p, *, model, steps, top_k,
-              eos_id):
+              eos_id, num_tokens):
   B = prompt_BP.shape[0]
-  cache, next_logits_BV = prefill(params, model, prompt_BP, lengths_B)
+  cache, next_logits_BV = prefill(params, model, prompt_BP, lengths_B, num_tokens)
 
   def keep_going(carry):
     i, _, _, _, done_B, _ = carry
@@ -55,7 +59,7 @@ def _generate(params, prompt_BP, lengths_B, key, temperature, top_p, *, model, s
     token_B = jnp.where(done_B, eos_id, token_B)
     out_BS = out_BS.at[:, i].set(token_B)
     done_B = done_B | (token_B == eos_id)
-    logits_BV, cache = _decode_one(params, model, cache, token_B, lengths_B + i)
+    logits_BV, cache = _decode_one(params, model, cache, token_B, lengths_B + i, num_tokens)
     return i + 1, cache, logits_BV, key, done_B, out_BS
 
   out_BS = jnp.full((B, steps), eos_id, jnp.int32)
@@ -94,8 +98,10 @@ def _until_eos(ids: list[int], eos_id: int) -> list[int]:
 
 def generate(params, model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
              eos_id: int, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
-  """New token ids for each prompt, ending before end-of-sequence or at `max_new_tokens`.
+             top_p: float = 1.0, seed: int = 0, num_tokens: int | None = None
+             ) -> list[list[int]]:
+  """New token ids for each prompt, ending before end-of-sequence or at `max_new_tokens`,
+  all below `num_tokens` if given (the tokenizer's size, under a padded embedding).
 
   Deterministic for a given seed. A prompt that leaves fewer than `max_new_tokens` positions
   of the context is refused rather than truncated, so what the model sees is what was asked.
@@ -105,7 +111,8 @@ def generate(params, model: Transformer, prompts: list[list[int]], max_new_token
   prompt_BP, lengths_B = _padded_prompts(model, prompts, max_new_tokens)
   out_BS = _generate(params, prompt_BP, lengths_B, jax.random.key(seed),
                      jnp.float32(temperature), jnp.float32(top_p),
-                     model=model, steps=max_new_tokens, top_k=top_k or 0, eos_id=eos_id)
+                     model=model, steps=max_new_tokens, top_k=top_k or 0, eos_id=eos_id,
+                     num_tokens=num_tokens)
   return [_until_eos(row, eos_id) for row in np.asarray(out_BS).tolist()]
 
 
@@ -128,10 +135,11 @@ def _reorder_rows(cache, rows_R):
   return jax.tree.map(lambda x: jnp.take(x, rows_R, axis=x.ndim - 4), cache)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps", "beams", "eos_id"))
-def _beam_search(params, prompt_BP, lengths_B, length_penalty, *, model, steps, beams, eos_id):
+@functools.partial(jax.jit, static_argnames=("model", "steps", "beams", "eos_id", "num_tokens"))
+def _beam_search(params, prompt_BP, lengths_B, length_penalty, *, model, steps, beams, eos_id,
+                 num_tokens):
   B, W = prompt_BP.shape[0], beams
-  cache, logits_BV = prefill(params, model, prompt_BP, lengths_B)
+  cache, logits_BV = prefill(params, model, prompt_BP, lengths_B, num_tokens)
   cache = _reorder_rows(cache, jnp.repeat(jnp.arange(B), W))  # row b*W + w is beam w of b
   log_probs_BWV = jnp.repeat(jax.nn.log_softmax(logits_BV.astype(jnp.float32))[:, None], W, 1)
   V = log_probs_BWV.shape[-1]
@@ -161,7 +169,7 @@ def _beam_search(params, prompt_BP, lengths_B, length_penalty, *, model, steps, 
     out_BWS = out_BWS.at[:, :, i].set(token_BW)
     cache = _reorder_rows(cache, (jnp.arange(B)[:, None] * W + parent_BW).reshape(-1))
     logits_RV, cache = _decode_one(params, model, cache, token_BW.reshape(-1),
-                                   jnp.repeat(lengths_B, W) + i)
+                                   jnp.repeat(lengths_B, W) + i, num_tokens)
     log_probs_BWV = jax.nn.log_softmax(logits_RV.astype(jnp.float32)).reshape(B, W, V)
     return i + 1, cache, log_probs_BWV, totals_BW, lengths_BW, ended_BW, out_BWS
 
@@ -178,8 +186,9 @@ def _beam_search(params, prompt_BP, lengths_B, length_penalty, *, model, steps, 
 
 def beam_search(params, model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
                 eos_id: int, beams: int, length_penalty: float = 1.0,
-                num_return: int = 1) -> list[list[Hypothesis]]:
-  """The `num_return` best of `beams` hypotheses for each prompt, best first.
+                num_return: int = 1, num_tokens: int | None = None) -> list[list[Hypothesis]]:
+  """The `num_return` best of `beams` hypotheses for each prompt, best first (of tokens below
+  `num_tokens`, if given).
 
   Beams are ranked by total log-probability divided by length ** `length_penalty` (length
   counts new tokens, the end-of-sequence token included): 0 ranks by total log-probability,
@@ -201,7 +210,7 @@ def beam_search(params, model: Transformer, prompts: list[list[int]], max_new_to
   prompt_BP, lengths_B = _padded_prompts(model, prompts, max_new_tokens)
   out_BWS, totals_BW, scores_BW = jax.device_get(_beam_search(
       params, prompt_BP, lengths_B, jnp.float32(length_penalty), model=model,
-      steps=max_new_tokens, beams=beams, eos_id=eos_id))
+      steps=max_new_tokens, beams=beams, eos_id=eos_id, num_tokens=num_tokens))
   return [[Hypothesis(_until_eos(out_BWS[b, w].tolist(), eos_id), float(totals_BW[b, w]),
                       float(scores_BW[b, w])) for w in range(num_return)]
           for b in range(len(prompts))]
@@ -209,14 +218,17 @@ def beam_search(params, model: Transformer, prompts: list[list[int]], max_new_to
 
 # --- the next-token distribution -------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _next_token_probs(params, prompt_BP, lengths_B, *, model):
+@functools.partial(jax.jit, static_argnames=("model", "num_tokens"))
+def _next_token_probs(params, prompt_BP, lengths_B, *, model, num_tokens):
   logits_BPV = model.apply({"params": params}, prompt_BP)
-  last_BV = logits_BPV[jnp.arange(prompt_BP.shape[0]), lengths_B - 1]
+  last_BV = logits_BPV[jnp.arange(prompt_BP.shape[0]), lengths_B - 1, :num_tokens]
   return jax.nn.softmax(last_BV.astype(jnp.float32), axis=-1)
 
 
-def next_token_probs(params, model: Transformer, prompts: list[list[int]]) -> np.ndarray:
-  """[B, V] probabilities of the token after each prompt (one full forward pass)."""
+def next_token_probs(params, model: Transformer, prompts: list[list[int]],
+                     num_tokens: int | None = None) -> np.ndarray:
+  """[B, V] probabilities of the token after each prompt (one full forward pass), over the
+  first `num_tokens` ids if given."""
   prompt_BP, lengths_B = _padded_prompts(model, prompts, max_new_tokens=0)
-  return np.asarray(_next_token_probs(params, prompt_BP, lengths_B, model=model))
+  return np.asarray(_next_token_probs(params, prompt_BP, lengths_B, model=model,
+                                      num_tokens=num_tokens))

@@ -88,7 +88,7 @@ class Run:
       raise UserError(f"--num_samples={num_samples} must be at least 1.")
     if batch_size < 1:
       raise UserError(f"--batch_size={batch_size} must be at least 1.")
-    sampling.check_options(temperature, top_k, top_p, self.model.config.vocab_size)
+    sampling.check_options(temperature, top_k, top_p, self.tokenizer.vocab_size)
     if max_new_tokens is None:
       room = self.model.config.context_length - max(len(p) for p in prompt_ids)
       max_new_tokens = max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
@@ -102,7 +102,8 @@ class Run:
         for chunk in _chunks(prompt_ids, batch_size):
           for hypotheses in generate_lib.beam_search(
               self.params, self.model, chunk, max_new_tokens, eos_id=eos, beams=beams,
-              length_penalty=length_penalty, num_return=num_samples):
+              length_penalty=length_penalty, num_return=num_samples,
+              num_tokens=self.tokenizer.vocab_size):
             new_ids += [h.tokens for h in hypotheses]
       else:
         if num_samples > 1 and temperature == 0:
@@ -114,18 +115,19 @@ class Run:
           chunk_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
           new_ids += generate_lib.generate(
               self.params, self.model, chunk, max_new_tokens, eos_id=eos,
-              temperature=temperature, top_k=top_k, top_p=top_p, seed=chunk_seed)
+              temperature=temperature, top_k=top_k, top_p=top_p, seed=chunk_seed,
+              num_tokens=self.tokenizer.vocab_size)
     texts = [self.tokenizer.decode(ids) for ids in new_ids]
     return [texts[i:i + num_samples] for i in range(0, len(texts), num_samples)]
 
   def next_token_distribution(self, prompt: str, top: int = 10) -> Distribution:
     """The `top` most likely tokens after `prompt`, and the mass of the rest."""
-    vocab = self.model.config.vocab_size
+    vocab = self.tokenizer.vocab_size
     if not 1 <= top <= vocab:
       raise UserError(f"--top={top} must be between 1 and the vocabulary size {vocab}.")
     with sharding.activate(self.mesh):
       probs_V = generate_lib.next_token_probs(self.params, self.model,
-                                              [self.encode_prompt(prompt)])[0]
+                                              [self.encode_prompt(prompt)], vocab)[0]
     probs_V = probs_V.astype(np.float64)
     order = np.argsort(-probs_V, kind="stable")
     shown = [NextToken(int(i), self.tokenizer.id_to_piece(int(i)), float(probs_V[i]))

@@ -1,5 +1,6 @@
 """KV-cache decoding against the full forward pass, and the samplers' defining properties."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,3 +231,19 @@ def test_temperature_sharpens_and_flattens():
   cold = np.bincount(_draws(logits, 4000, temperature=0.3), minlength=3) / 4000
   hot = np.bincount(_draws(logits, 4000, temperature=3.0), minlength=3) / 4000
   assert cold[0] > 0.85 and hot[0] < 0.5
+
+
+def test_generation_keeps_to_the_tokenizers_ids_under_a_padded_embedding(model_and_params):
+  model, boxed = model_and_params
+  params = nn.meta.unbox(boxed)
+  # Make the padded rows 500.. the most likely next tokens everywhere (the output head is the
+  # tied embedding, so large rows there are large logits).
+  params = {**params, "embedding": params["embedding"].at[500:].multiply(50.0)}
+  prompts = [[2, 5, 6], [2, 7]]
+  free = generate(params, model, prompts, 6, eos_id=-1)
+  assert max(max(ids) for ids in free) >= 500  # the test's premise: padding would win
+  kept = generate(params, model, prompts, 6, eos_id=-1, num_tokens=500)
+  assert max(max(ids) for ids in kept) < 500
+  beams = beam_search(params, model, prompts, 4, eos_id=-1, beams=3, num_tokens=500)
+  assert all(max(h.tokens) < 500 for hypotheses in beams for h in hypotheses)
+  assert next_token_probs(params, model, prompts, num_tokens=500).shape == (2, 500)

@@ -310,5 +310,6 @@ def _sample(t, model, params, tokenizer) -> str:
   room = min(t.sample_tokens, model.config.context_length - len(prompt_ids))
   new_ids = generate.generate(
       params, model, [prompt_ids], room, eos_id=tokenizer.eos_id,
-      temperature=t.sample_temperature, seed=t.seed)[0] if room > 0 else []
+      temperature=t.sample_temperature, seed=t.seed,
+      num_tokens=tokenizer.vocab_size)[0] if room > 0 else []
   return t.sample_prompt + tokenizer.decode(new_ids)
