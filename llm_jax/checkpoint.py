@@ -128,7 +128,7 @@ class Checkpointer:
     self.wait()
 
   def metadata(self, step: int) -> dict:
-    """The `meta` item: {'step', 'config' (JSON text), 'tokenizer' (its bytes), and
+    """The `meta` item: {'step', 'config' (JSON text), 'tokenizer' (its `to_bytes()`), and
     'params_only' for a checkpoint of parameters alone}."""
     meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     if not isinstance(meta, dict) or meta.get("step") != step:
@@ -223,7 +223,7 @@ class InitSource:
   checkpointer: Checkpointer
   step: int
   config: Any  # the source run's config
-  tokenizer: bytes  # its tokenizer (SentencePiece model bytes)
+  tokenizer: bytes  # its tokenizer's `to_bytes()` (`tokenizer.tokenizer_from_bytes` reads it)
 
   @property
   def location(self) -> str:

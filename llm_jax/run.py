@@ -28,7 +28,7 @@ from llm_jax import generate as generate_lib
 from llm_jax.data import files as files_lib
 from llm_jax.data import sources
 from llm_jax.data.documents import Documents
-from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.data.tokenizer import Tokenizer, tokenizer_from_bytes
 from llm_jax.distributed import log
 from llm_jax.errors import UserError
 from llm_jax.model import ModelConfig, Transformer
@@ -231,7 +231,7 @@ def load_run(workdir, mesh_overrides: Sequence[str] = (), step: int | None = Non
     mesh = _inference_mesh(config, mesh_overrides)
     model = Transformer(ModelConfig.from_config(config_lib.resolve(config).model))
     params = checkpointer.restore_params(step, sharding.abstract_params(model, mesh))
-    return Run(workdir, step, config, model, params, Tokenizer(meta["tokenizer"]), mesh)
+    return Run(workdir, step, config, model, params, tokenizer_from_bytes(meta["tokenizer"]), mesh)
 
   run, _ = checkpoint.restore_newest(checkpointer, load, log, None if step is None else [step])
   if run is None:

@@ -60,7 +60,7 @@ def test_the_tokenizer_comes_from_the_checkpoint(workdir, tmp_path):
   copy = tmp_path / "run"
   shutil.copytree(workdir, copy)
   (copy / "tokenizer.model").unlink()
-  assert load_run(copy).tokenizer.model_proto == (workdir / "tokenizer.model").read_bytes()
+  assert load_run(copy).tokenizer.to_bytes() == (workdir / "tokenizer.model").read_bytes()
 
 
 def test_generate_command_prints_only_the_text(capsys, run, workdir):

@@ -63,7 +63,8 @@ def _decode(args, overrides) -> None:
 
 
 def add_commands(commands) -> None:
-  tokenizer = commands.add_parser("tokenizer", help="train or inspect a SentencePiece tokenizer")
+  tokenizer = commands.add_parser("tokenizer",
+                                  help="train a tokenizer, or encode and decode with one")
   tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
   train = tokenizer_commands.add_parser(
       "train", help="train a byte-fallback BPE tokenizer on a data source")
@@ -78,7 +79,8 @@ def add_commands(commands) -> None:
   for name, handler, what in (("encode", _encode, "TEXT (default: stdin)"),
                               ("decode", _decode, "IDS (default: stdin)")):
     sub = tokenizer_commands.add_parser(name, help=f"{name} {what}")
-    sub.add_argument("--tokenizer", required=True, help="path of a SentencePiece .model")
+    sub.add_argument("--tokenizer", required=True,
+                     help="a SentencePiece .model, or a Hugging Face model directory")
     sub.add_argument("text", nargs="?", default=None, help=what)
     if name == "encode":
       sub.add_argument("--pieces", action="store_true", help="print one id and piece per line")

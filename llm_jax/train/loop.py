@@ -272,7 +272,7 @@ def _train(config, workdir, requests, objective, batch_source, frozen) -> dict:
           _check_finite(*previous, t.on_nonfinite, checkpointer)  # never save a bad step
           previous = None
           blocked = checkpointer.save(done, state, batches.train, config_json,
-                                      batches.tokenizer.model_proto)
+                                      batches.tokenizer.to_bytes())
           last_save = time.monotonic()
           requests.save = False
           log(f"Checkpoint {done}: training blocked {blocked:.2f}s, writing in the background")
