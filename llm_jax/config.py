@@ -26,7 +26,6 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "xla_blocked", "cudnn")
 MATMUL_PRECISIONS = ("auto", "float32", "bfloat16")
 ROPE_SCALINGS = ("none", "llama3")
 MESH_AXES = ("data", "fsdp", "tensor")
-MIN_VOCAB_SIZE = 384
 
 
 def load_config(spec: str | None = None, overrides: list[str] = ()) -> ml_collections.ConfigDict:
@@ -179,10 +178,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise UserError(f"train.min_lr_ratio={t.min_lr_ratio} must be at most 1.")
   if not 0 < config.data.val_fraction < 1:
     raise UserError(f"data.val_fraction={config.data.val_fraction} must be between 0 and 1.")
-  if m.vocab_size < MIN_VOCAB_SIZE:
-    raise UserError(f"model.vocab_size={m.vocab_size} is too small for a byte-fallback "
-                    f"tokenizer (256 bytes, 7 special tokens and the common characters); use "
-                    f"at least {MIN_VOCAB_SIZE}.")
 
   shape = resolve_mesh_shape(x, num_devices)
   dp = shape["data"] * shape["fsdp"]

@@ -322,8 +322,9 @@ def import_model(source, workdir, context_length: int | None = None) -> dict:
   try:
     with sharding.activate(mesh):
       params = _read_params(weights, model, mesh)
-    checkpoint.save_params(staging / "checkpoints", params, config_lib.to_json(config),
-                           tokenizer.to_bytes())
+    saver = checkpoint.Checkpointer(staging / "checkpoints")
+    saver.save_params(0, params, config_lib.to_json(config), tokenizer.to_bytes())
+    saver.close()
     tokenizer.save(staging)
     (staging / "config.json").write_text(config_lib.to_json(config))
     if workdir.exists():

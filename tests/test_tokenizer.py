@@ -79,3 +79,9 @@ def test_decode_bad_ids(tokenizer, tmp_path, capsys, ids, words):
   tokenizer.save(path)
   code, _, err = _run(capsys, "tokenizer", "decode", "--tokenizer", str(path), ids)
   assert code == 2 and words in err
+
+
+def test_a_vocabulary_too_small_to_train_is_refused():
+  from llm_jax.data.tokenizer import train_tokenizer
+  with pytest.raises(UserError, match="model.vocab_size=300 is too small"):
+    train_tokenizer(["some text"], 300)

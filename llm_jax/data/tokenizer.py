@@ -24,6 +24,7 @@ from llm_jax.errors import UserError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 CHAT_TOKENS = ("<|im_start|>", "<|im_sep|>", "<|im_end|>")
+MIN_VOCAB_SIZE = 384  # what a trained tokenizer needs; given and imported ones may be smaller
 # SentencePiece reads "sentences"; a few lines of text per sentence keeps newlines inside
 # pieces (so '):\n' and indentation runs can become tokens) while staying under its limit.
 _LINES_PER_SENTENCE = 8
@@ -151,6 +152,10 @@ def _sentences(texts: Iterable[str]):
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> SentencePieceTokenizer:
   """Trains a byte-fallback BPE model of exactly `vocab_size` pieces on `texts`."""
+  if vocab_size < MIN_VOCAB_SIZE:
+    raise UserError(f"model.vocab_size={vocab_size} is too small for a byte-fallback "
+                    f"tokenizer (256 bytes, 7 special tokens and the common characters); use "
+                    f"at least {MIN_VOCAB_SIZE}.")
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
