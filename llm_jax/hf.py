@@ -15,11 +15,9 @@ leading `layers` axis here), with N heads, K key/value heads, H = head_dim:
 Both sides rotate (i, i + H/2) pairs, so the query and key weights need no permutation.
 
 Import streams: every device's shard of every parameter is read from the memory-mapped
-safetensors files, only the rows and columns it owns, so the host never holds a second full
-copy, and on several hosts each process reads only its own devices' shards. Export writes
-one tensor at a time into shards of at most 5 GB. The safetensors format is a JSON header
-and raw little-endian bytes; it is read and written here with numpy because the library
-cannot slice bfloat16 tensors into numpy (safetensors 0.8) nor write a file tensor by tensor.
+safetensors files (`llm_jax.safetensors_files`), only the rows and columns it owns, so the
+host never holds a second full copy, and on several hosts each process reads only its own
+devices' shards. Export writes one tensor at a time into shards of at most 5 GB.
 """
 
 import json
@@ -33,8 +31,8 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from llm_jax import checkpoint, config as config_lib, sharding
-from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax import checkpoint, config as config_lib, safetensors_files, sharding
+from llm_jax.data.hf_tokenizer import load_hf_tokenizer
 from llm_jax.distributed import log
 from llm_jax.errors import UserError
 from llm_jax.model import ModelConfig, Transformer
@@ -42,8 +40,6 @@ from llm_jax.model import ModelConfig, Transformer
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 MAX_SHARD_BYTES = 5 * 10**9
 DEFAULT_MAX_CONTEXT = 8192  # an import's context length unless asked: the KV cache's size
-_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
-_SAFETENSORS_DTYPE = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
 # --- the tensors --------------------------------------------------------------------------
@@ -189,31 +185,6 @@ def config_to_hf(config, tokenizer, dtype: str) -> dict:
 
 # --- import -------------------------------------------------------------------------------
 
-def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-  """{name: a read-only view of the memory-mapped file} (nothing is read until sliced)."""
-  try:
-    with open(path, "rb") as f:
-      length = int.from_bytes(f.read(8), "little")
-      header = json.loads(f.read(length))
-    data = np.memmap(path, np.uint8, mode="r", offset=8 + length)
-  except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-    raise UserError(f"{path} is not a readable safetensors file; download or save it "
-                    "again.") from None
-  arrays = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in _DTYPES:
-      raise UserError(f"Tensor {name} in {path.name} is {info['dtype']}; llm-jax imports "
-                      "float32, bfloat16 and float16 weights (quantized ones are not).")
-    begin, end = info["data_offsets"]
-    if end > data.size:
-      raise UserError(f"{path} is truncated ({name} ends past the end of the file); download "
-                      "or save it again.")
-    arrays[name] = data[begin:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
-  return arrays
-
-
 class _Weights:
   """The tensors of an HF directory's safetensors files, memory-mapped."""
 
@@ -230,7 +201,7 @@ class _Weights:
                       "save_pretrained.")
     self.tensors = {}
     for name in files:
-      self.tensors.update(_read_safetensors(directory / name))
+      self.tensors.update(safetensors_files.read(directory / name))
 
   def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
     if name not in self.tensors:
@@ -311,7 +282,7 @@ def import_model(source, workdir, context_length: int | None = None) -> dict:
   # bfloat16 stays bfloat16; float16 widens to float32, which holds it exactly.
   param_dtype = "bfloat16" if dtypes == {np.dtype(ml_dtypes.bfloat16)} else "float32"
   config = config_from_hf(hf, context_length, param_dtype)
-  tokenizer = tokenizer_lib.load_hf_tokenizer(source)
+  tokenizer = load_hf_tokenizer(source)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise UserError(f"The tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
                     f"{config.model.vocab_size} rows; the checkpoint and tokenizer do not match.")
@@ -339,25 +310,6 @@ def import_model(source, workdir, context_length: int | None = None) -> dict:
 
 # --- export -------------------------------------------------------------------------------
 
-def _write_safetensors(path: pathlib.Path, tensors: list[tuple[str, tuple, np.dtype]], arrays):
-  """Writes `tensors` (name, shape, dtype) to `path`, taking their data one array at a time
-  from the iterator `arrays`, in the same order."""
-  header, offset = {"__metadata__": {"format": "pt"}}, 0
-  for name, shape, dtype in tensors:
-    size = math.prod(shape) * np.dtype(dtype).itemsize
-    header[name] = {"dtype": _SAFETENSORS_DTYPE[np.dtype(dtype)], "shape": list(shape),
-                    "data_offsets": [offset, offset + size]}
-    offset += size
-  text = json.dumps(header).encode()
-  text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
-  with open(path, "wb") as f:
-    f.write(len(text).to_bytes(8, "little"))
-    f.write(text)
-    for (name, shape, dtype), array in zip(tensors, arrays):
-      assert array.shape == tuple(shape) and array.dtype == dtype, name
-      f.write(np.ascontiguousarray(array).tobytes())
-
-
 def export_model(workdir, out, step: int | None = None, dtype: str | None = None,
                  max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
   """Writes the run in `workdir` (its newest readable checkpoint, or `step`) to `out` as an
@@ -371,8 +323,7 @@ def export_model(workdir, out, step: int | None = None, dtype: str | None = None
                     "written).")
   run = load_run(workdir, step=step)
   params = traverse_util.flatten_dict(run.params)
-  target = np.dtype(_DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[
-      dtype or run.config.model.param_dtype]])
+  target = np.dtype(safetensors_files.DTYPES[dtype or run.config.model.param_dtype])
   tensors = []  # (HF name, our path, layer or None, HF shape)
   for path, names in _tensor_names(run.model.config).items():
     stacked = path[0] == "layers"
@@ -397,7 +348,7 @@ def export_model(workdir, out, step: int | None = None, dtype: str | None = None
     files = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for file, shard in zip(files, shards):
-      _write_safetensors(staging / file, [(n, s, target) for n, _, _, s in shard],
+      safetensors_files.write(staging / file, [(n, s, target) for n, _, _, s in shard],
                          arrays(shard))
     if len(shards) > 1:
       index = {"metadata": {"total_size": sum(math.prod(t[3]) for t in tensors)

@@ -42,9 +42,7 @@ SWEEP_FUNCTION = "get_sweep"
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
 
-# ---------------------------------------------------------------------------------------------
-# Grid helpers: every helper returns a list of override dicts.
-
+# --- grid helpers: each returns a list of override dicts -----------------------------------
 
 def grid(**axes: Iterable) -> list[dict]:
   """The Cartesian product of the axes: `grid(a=[1, 2], b=[3])` -> [{a:1,b:3}, {a:2,b:3}].
@@ -115,9 +113,7 @@ def named(members: list[dict], name=default_name) -> dict[str, dict]:
   return result
 
 
-# ---------------------------------------------------------------------------------------------
-# The sweep and its members.
-
+# --- the sweep and its members --------------------------------------------------------------
 
 @dataclasses.dataclass
 class Sweep:
@@ -248,22 +244,15 @@ def _newest_checkpoint_step(workdir: pathlib.Path) -> int:
 
 def _attempts(workdir: pathlib.Path) -> list[dict]:
   path = workdir / ATTEMPTS_FILE
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  lines = path.read_text().splitlines() if path.exists() else []
+  return [json.loads(line) for line in lines if line.strip()]
 
 
 def _last_metrics(workdir: pathlib.Path) -> dict:
   """The newest logged train loss and validation loss in the member's metrics.jsonl."""
-  path = workdir / "metrics.jsonl"
-  found = {}
-  if path.exists():
-    for line in path.read_text().splitlines():
-      row = json.loads(line)
-      for key in ("loss", "val_loss"):
-        if key in row:
-          found[key] = row[key]
-  return found
+  from llm_jax.train.metrics import read_metrics
+  rows = read_metrics(workdir) if (workdir / "metrics.jsonl").exists() else []
+  return {key: row[key] for row in rows for key in ("loss", "val_loss") if key in row}
 
 
 def member_row(member: Member) -> dict:
@@ -291,9 +280,7 @@ def write_table(sweep_dir: pathlib.Path, members: list[Member]) -> pathlib.Path:
   return path
 
 
-# ---------------------------------------------------------------------------------------------
-# Running, dry runs and commands.
-
+# --- running, dry runs and commands ---------------------------------------------------------
 
 def train_command(member: Member, base: str | None) -> str:
   """The `llm-jax train` command that trains this member on its own."""

@@ -17,7 +17,6 @@ import sentencepiece as spm
 from jax.experimental import multihost_utils
 
 from llm_jax.data import hf_tokenizer, sources
-from llm_jax.data.hf_tokenizer import load_hf_tokenizer  # noqa: F401 (part of this API)
 from llm_jax.data.documents import Source
 from llm_jax.distributed import is_primary, log
 from llm_jax.errors import UserError
