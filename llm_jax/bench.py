@@ -8,7 +8,9 @@ time is the median over the timed calls.
 
 Prefill is one jitted cached forward pass over a batch of prompts of half the context;
 decode is `llm_jax.generate.generate` with an end-of-sequence id that never occurs, so every
-step runs, minus the prefill of the same batch, per generated token. FLOPs per token and MFU
+step runs, minus the prefill of the same batch, per generated token, greedy at each of
+DECODE_BATCH_SIZES and sampled (temperature 1, top-p 0.95) at one; its compile time is the
+first call's time minus the median call's. FLOPs per token and MFU
 come from `llm_jax.flops`, the peak from `llm_jax.hardware` (on CPU a matmul peak measured in
 the same run).
 """
@@ -24,7 +26,9 @@ from llm_jax import flops, generate, hardware, sharding
 from llm_jax.errors import UserError
 from llm_jax.train import builder
 
-DECODE_BATCH_SIZES = (1, 8)
+DECODE_BATCH_SIZES = (1, 8, 32)
+SAMPLED_DECODE_BATCH_SIZE = 8  # also timed with temperature 1 and top-p 0.95
+SAMPLING = {"temperature": 1.0, "top_p": 0.95}
 PREFILL_BATCH_SIZE = 8
 MAX_DECODE_TOKENS = 64  # decode cost per token barely depends on how many follow
 WARMUP_CALLS = 2
@@ -109,15 +113,19 @@ def _inference(config, model, params, repeats: int) -> dict:
           PREFILL_BATCH_SIZE],
       "decode_new_tokens": new_tokens,
   }
-  for batch_size in DECODE_BATCH_SIZES:
+  runs = [(f"decode_b{b}", b, {}) for b in DECODE_BATCH_SIZES] + [
+      (f"decode_b{SAMPLED_DECODE_BATCH_SIZE}_sampled", SAMPLED_DECODE_BATCH_SIZE, SAMPLING)]
+  for name, batch_size, options in runs:
     prompts = _prompts(config, batch_size, prompt_length)
-    run = lambda: generate.generate(params, model, prompts, new_tokens, eos_id=-1)  # noqa: E731
-    _median_seconds(run, 1)  # compiles
+    run = lambda: generate.generate(params, model, prompts, new_tokens, eos_id=-1,  # noqa: E731
+                                    **options)
+    first_call_sec = _median_seconds(run, 1)  # compiles
+    call_sec = _median_seconds(run, repeats)
     # Floored at 1% of the call: on a busy machine a median prefill can exceed a whole call.
-    decode_sec = max(_median_seconds(run, repeats) - prefill_sec[batch_size],
-                     1e-2 * prefill_sec[batch_size])
-    result[f"decode_b{batch_size}_token_time_sec"] = decode_sec / new_tokens
-    result[f"decode_b{batch_size}_tokens_per_sec"] = batch_size * new_tokens / decode_sec
+    decode_sec = max(call_sec - prefill_sec[batch_size], 1e-2 * prefill_sec[batch_size])
+    result[f"{name}_compile_time_sec"] = first_call_sec - call_sec
+    result[f"{name}_token_time_sec"] = decode_sec / new_tokens
+    result[f"{name}_tokens_per_sec"] = batch_size * new_tokens / decode_sec
   return result
 
 
@@ -194,9 +202,12 @@ def summary(result: dict) -> str:
     lines.append(f"prefill: {r['prefill_batch_size']} prompts x {r['prefill_prompt_tokens']} "
                  f"tokens in {r['prefill_time_sec'] * 1e3:.1f} ms, "
                  f"{r['prefill_tokens_per_sec']:,.0f} tokens/s")
-    for batch_size in DECODE_BATCH_SIZES:
-      lines.append(f"decode batch {batch_size}: "
-                   f"{r[f'decode_b{batch_size}_token_time_sec'] * 1e3:.2f} ms/step, "
-                   f"{r[f'decode_b{batch_size}_tokens_per_sec']:,.0f} tokens/s "
-                   f"({r['decode_new_tokens']} new tokens per row)")
+    names = [(f"decode_b{b}", f"batch {b}") for b in DECODE_BATCH_SIZES] + [
+        (f"decode_b{SAMPLED_DECODE_BATCH_SIZE}_sampled",
+         f"batch {SAMPLED_DECODE_BATCH_SIZE}, temperature 1, top-p 0.95")]
+    for name, what in names:
+      lines.append(f"decode {what}: {r[f'{name}_token_time_sec'] * 1e3:.2f} ms/step, "
+                   f"{r[f'{name}_tokens_per_sec']:,.0f} tokens/s "
+                   f"({r['decode_new_tokens']} new tokens per row; first call compiles in "
+                   f"{r[f'{name}_compile_time_sec']:.1f}s)")
   return "\n".join(lines)

@@ -99,11 +99,23 @@ def blocked_causal_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTT, block_size: int):
   blocks = []
   for start in range(0, T, block_size):
     end = min(start + block_size, T)
-    scores_BKGtS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH[:, :, :, start:end],
-                              k_BKTH[:, :, :end], preferred_element_type=jnp.float32)
-    scores_BKGtS = jnp.where(mask_BTT[:, None, None, start:end, :end], scores_BKGtS * H**-0.5,
-                             jnp.finfo(jnp.float32).min)
-    probs_BKGtS = jax.nn.softmax(scores_BKGtS, axis=-1).astype(v_BTKH.dtype)
-    blocks.append(jnp.einsum("bkgts,bksh->bkgth", probs_BKGtS, v_BKTH[:, :, :end]))
+    blocks.append(head_major_attention(q_BKGTH[:, :, :, start:end], k_BKTH[:, :, :end],
+                                       v_BKTH[:, :, :end], mask_BTT[:, start:end, :end]))
   out_BKGTH = jnp.concatenate(blocks, axis=3)
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def head_major_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS):
+  """Attention of queries grouped by kv head (G = N/K per head) to head-major keys and values;
+  where `mask_BTS` is False a query ignores a key. Returns [B, K, G, T, H].
+
+  Head-major keys [B, K, S, H] are what the score matmul contracts without a transpose, so a
+  key/value cache kept in this layout is read once per decode step, not copied first.
+  """
+  H = q_BKGTH.shape[-1]
+  scores_BKGTS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH,
+                            preferred_element_type=jnp.float32)
+  scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS * H**-0.5,
+                           jnp.finfo(jnp.float32).min)
+  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSH.dtype)
+  return jnp.einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax import flops
-from llm_jax.kernels import blocked_causal_attention, project
+from llm_jax.kernels import blocked_causal_attention, head_major_attention, project
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -142,7 +142,8 @@ class Attention(nn.Module):
   `context_length` slots at its position (the `cache` collection) and attends to every slot
   up to that position; a row's slots below its current position always hold its own tokens.
   The kernel of training and scoring is `config.attention` (`kernels` has the blocked one);
-  decoding always uses XLA's, whose mask covers the cache.
+  decoding uses `kernels.head_major_attention` on the cache, which is kept head-major
+  ([B, K, S, H]) so that reading it needs no transposed copy each step.
   """
   config: ModelConfig
 
@@ -172,36 +173,37 @@ class Attention(nn.Module):
     k_BSKH = apply_rotary(k_BSKH, positions_BT, inv_freq_P)
 
     if decode:
-      k_BSKH, v_BSKH = self._write_cache(k_BSKH, v_BSKH, positions_BT)
-      slots_S = jnp.arange(k_BSKH.shape[1])
-      mask_BTS = slots_S[None, None, :] <= positions_BT[:, :, None]
-    else:
-      mask_BTS = attention_mask(segment_ids_BT)
-
-    implementation = "xla" if decode else c.attention
-    if implementation == "xla_blocked":
-      out_BTNH = blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS,
-                                          c.attention_block_size)
+      k_BKSH, v_BKSH = self._write_cache(k_BSKH, v_BSKH, positions_BT)
+      mask_BTS = jnp.arange(k_BKSH.shape[2])[None, None, :] <= positions_BT[:, :, None]
+      B, T = positions_BT.shape
+      q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+      out_BKGTH = head_major_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS)
+      out_BTNH = out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    elif c.attention == "xla_blocked":
+      out_BTNH = blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH,
+                                          attention_mask(segment_ids_BT), c.attention_block_size)
     else:
       # Training masks are causal too; saying so lets cuDNN skip the masked-out half.
       out_BTNH = jax.nn.dot_product_attention(
-          q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], is_causal=not decode,
-          implementation=implementation)
+          q_BTNH, k_BSKH, v_BSKH, mask=attention_mask(segment_ids_BT)[:, None], is_causal=True,
+          implementation=c.attention)
     out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "head_dim"))
     return project(out_BTNH, wo_NHD.astype(dtype), 2, bf16)
 
   def _write_cache(self, k_BTKH, v_BTKH, positions_BT):
-    """Stores this call's keys/values at their positions; returns the whole cache."""
+    """Stores this call's keys/values at their positions; returns the whole cache, head-major
+    ([B, K, S, H], the layout attention reads without a copy)."""
     c = self.config
     B = k_BTKH.shape[0]
-    shape = (B, c.context_length, c.num_kv_heads, c.head_dim)
-    axes = ("batch", "length", "kv_heads", "head_dim")
+    shape = (B, c.num_kv_heads, c.context_length, c.head_dim)
+    axes = ("batch", "kv_heads", "length", "head_dim")
     rows_B1 = jnp.arange(B)[:, None]
     caches = []
     for name, new_BTKH in (("key", k_BTKH), ("value", v_BTKH)):
       cache = self.variable("cache", name, jnp.zeros, shape, k_BTKH.dtype)
+      # Indices split by a slice put their [B, T] axes first: the update is [B, T, K, H].
       cache.value = nn.with_logical_constraint(
-          cache.value.at[rows_B1, positions_BT].set(new_BTKH), axes)
+          cache.value.at[rows_B1, :, positions_BT].set(new_BTKH), axes)
       caches.append(cache.value)
     return caches
 

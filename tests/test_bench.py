@@ -10,7 +10,8 @@ _POSITIVE_KEYS = (
     "compile_time_sec", "step_time_sec", "tokens_per_sec", "flops_per_token",
     "achieved_flops_per_sec", "peak_flops_per_sec", "mfu", "prefill_time_sec",
     "prefill_tokens_per_sec", "decode_b1_tokens_per_sec", "decode_b8_tokens_per_sec",
-    "decode_b1_token_time_sec", "decode_b8_token_time_sec")
+    "decode_b1_token_time_sec", "decode_b8_token_time_sec", "decode_b32_tokens_per_sec",
+    "decode_b8_sampled_tokens_per_sec", "decode_b1_compile_time_sec")
 
 
 def test_bench_json_output_is_one_well_formed_object(tmp_path, capsys):

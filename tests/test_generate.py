@@ -197,9 +197,38 @@ def test_bad_beam_options(model_and_params, kwargs, words):
 # --- samplers on their own -------------------------------------------------------------------
 
 def _draws(logits_V, n, **kwargs):
-  keys = jax.random.split(jax.random.key(0), n)
   logits_NV = jnp.broadcast_to(logits_V, (n, logits_V.shape[-1]))
-  return np.asarray(jax.vmap(lambda k, l: sampling.sample(k, l, **kwargs))(keys, logits_NV))
+  return np.asarray(sampling.sample(jax.random.key(0), logits_NV, **kwargs))
+
+
+def test_greedy_is_the_first_argmax():
+  logits_BV = jnp.asarray([[0.0, 2.0, 2.0, 1.0], [5.0, -1.0, 5.0, 5.0],
+                           [-jnp.inf, -3.0, -4.0, -3.0]])
+  np.testing.assert_array_equal(sampling.greedy(logits_BV), [1, 0, 1])
+
+
+def test_top_p_keeps_exactly_the_sorted_prefix_that_reaches_p():
+  logits_BV = jax.random.normal(jax.random.key(3), (16, 300)) * 3
+  logits_BV = sampling.top_k_filter(logits_BV, 200)  # some -inf, which are never kept
+  for p in (0.1, 0.5, 0.95, 1.0):
+    kept_BV = np.isfinite(np.asarray(sampling.top_p_filter(logits_BV, p)))
+    for logits_V, kept_V in zip(np.asarray(logits_BV, np.float64), kept_BV):
+      order = np.argsort(-logits_V)
+      probs = np.exp(logits_V[order] - logits_V.max())
+      probs /= probs.sum()
+      size = min(int(np.searchsorted(np.cumsum(probs), p)) + 1, np.isfinite(logits_V).sum())
+      assert set(np.flatnonzero(kept_V)) == set(order[:size].tolist())
+
+
+def test_draws_across_blocks_of_a_large_vocabulary_match_the_distribution():
+  probs = {5: 0.4, 127: 0.1, 128: 0.2, 299: 0.3}  # blocks of 128 tokens, and a partial one
+  logits_V = jnp.full((300,), -jnp.inf).at[jnp.asarray(list(probs))].set(
+      jnp.log(jnp.asarray(list(probs.values()))))
+  n = 20_000
+  counts = np.bincount(_draws(logits_V, n, temperature=1.0), minlength=300)
+  assert counts.sum() == counts[list(probs)].sum()
+  expected = n * np.asarray(list(probs.values()))
+  assert np.sum((counts[list(probs)] - expected) ** 2 / expected) < 16.27  # chi-square 0.999, 3 dof
 
 
 def test_top_k_never_leaves_the_k_most_likely():

@@ -3,7 +3,7 @@
     pip install -e '.[bench]'
     python experiments/benchmarks/side_by_side.py [--shapes default 25m] [--rounds 4] \
         [--steps 2] [--threads N] [--frameworks llm-jax pytorch pytorch-bf16] [--json] \
-        [--config.KEY=VALUE ...]
+        [--decode BATCH [--sample]] [--config.KEY=VALUE ...]
 
 The reference is what a user would otherwise pick: Hugging Face `LlamaForCausalLM` built
 from a `LlamaConfig` with the same vocabulary, width, layers, heads, kv heads, MLP width,
@@ -26,6 +26,12 @@ tokens/s (wall clock), with each process's CPU time per step beside it (on a sha
 the wall clock includes waiting for the cores; CPU time does not, though spin-waiting
 threads inflate it). All get the same cores: XLA's CPU thread pool uses every core, and the
 PyTorch workers call `torch.set_num_threads(--threads)` (default: the core count).
+
+`--decode BATCH` compares generation instead: `llm_jax.generate.generate` against
+`LlamaForCausalLM.generate` (KV cache, eager; `pytorch-bf16` is the model in bfloat16), on
+BATCH prompts of half the context, greedy or with `--sample` (temperature 1, top-p 0.95).
+A timed "step" is one decode step: a call for DECODE_TOKENS new tokens minus a call for one
+(the prefill and first token), divided by DECODE_TOKENS - 1, so neither side's prefill counts.
 """
 
 import argparse
@@ -38,6 +44,76 @@ import time
 
 SHAPES = {"default": "configs/llama.py:default", "25m": "configs/llama.py:25m"}
 FRAMEWORKS = ("llm-jax", "pytorch", "pytorch-bf16")
+DECODE_TOKENS = 64
+
+
+def _decode_step_times(generate, steps: int) -> list[float]:
+  """Per-token times of `steps` decode steps: (DECODE_TOKENS new tokens - 1) / (that - 1)."""
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    generate(DECODE_TOKENS)
+    middle = time.perf_counter()
+    generate(1)
+    times.append(((middle - start) - (time.perf_counter() - middle)) / (DECODE_TOKENS - 1))
+  return times
+
+
+class _JaxDecode:
+  """llm_jax.generate.generate on BATCH random prompts of half the context."""
+
+  def __init__(self, config, batch_size: int, sample: bool):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from llm_jax import config as config_lib
+    from llm_jax import flops, generate
+    from llm_jax.model import ModelConfig, Transformer
+    m = config.model
+    model = Transformer(ModelConfig.from_config(config_lib.resolve(config).model))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    prompts = np.random.default_rng(0).integers(
+        0, m.vocab_size, (batch_size, m.context_length // 2)).tolist()
+    options = dict(temperature=1.0, top_p=0.95) if sample else {}
+    self._generate = lambda new_tokens: generate.generate(
+        params, model, prompts, new_tokens, eos_id=-1, **options)
+    self.params = flops.param_counts(m)["params"]
+    self.setup = {"jax": jax.__version__, "bf16_matmul_operands": model.config.bf16_operands,
+                  "host_malloc": os.environ.get("LLM_JAX_HOST_MALLOC", "default")}
+
+  def time_steps(self, steps: int) -> list[float]:
+    return _decode_step_times(self._generate, steps)
+
+
+class _TorchDecode:
+  """LlamaForCausalLM.generate with its KV cache, eager, float32 or all bfloat16."""
+
+  def __init__(self, config, threads: int, batch_size: int, sample: bool, bf16: bool):
+    import torch
+    torch.set_num_threads(threads)
+    self._torch = torch
+    reference = _TorchStep(config, threads)
+    model = reference.model.eval()
+    if bf16:
+      model = model.to(torch.bfloat16)
+    m = config.model
+    prompts = torch.randint(0, m.vocab_size, (batch_size, m.context_length // 2),
+                            generator=torch.Generator().manual_seed(0))
+    options = dict(do_sample=True, temperature=1.0, top_p=0.95, top_k=0) if sample else dict(
+        do_sample=False)
+
+    def generate(new_tokens):
+      with torch.inference_mode():
+        return model.generate(prompts, attention_mask=torch.ones_like(prompts),
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              pad_token_id=0, use_cache=True, **options)
+
+    self._generate = generate
+    self.params = reference.params
+    self.setup = {**reference.setup, "autocast_bf16": False, "bf16_weights": bf16}
+
+  def time_steps(self, steps: int) -> list[float]:
+    return _decode_step_times(self._generate, steps)
 
 
 def _load_config(shape: str, overrides: list[str]):
@@ -136,7 +212,12 @@ class _TorchStep:
 def _worker(args, overrides) -> None:
   """Builds one framework's step, warms it, then times a block of steps per stdin line."""
   config = _load_config(args.shape, overrides)
-  if args.worker == "llm-jax":
+  if args.decode and args.worker == "llm-jax":
+    step = _JaxDecode(config, args.decode, args.sample)
+  elif args.decode:
+    step = _TorchDecode(config, args.threads, args.decode, args.sample,
+                        bf16=args.worker == "pytorch-bf16")
+  elif args.worker == "llm-jax":
     step = _JaxStep(config)
   else:
     step = _TorchStep(config, args.threads, autocast=args.worker == "pytorch-bf16")
@@ -151,7 +232,9 @@ def _worker(args, overrides) -> None:
 def _start(framework, shape, args, overrides) -> tuple[subprocess.Popen, dict]:
   from llm_jax import host_memory
   command = [sys.executable, __file__, "--worker", framework, "--shape", shape,
-             "--threads", str(args.threads), *overrides]
+             "--threads", str(args.threads), "--decode", str(args.decode), *overrides]
+  if args.sample:
+    command.append("--sample")
   environment = None  # as it is
   if framework == "llm-jax":
     environment = host_memory.tuned_environment(os.environ)
@@ -163,7 +246,7 @@ def _start(framework, shape, args, overrides) -> tuple[subprocess.Popen, dict]:
 def _compare(shape, args, overrides) -> dict:
   config = _load_config(shape, overrides)
   m, t = config.model, config.train
-  tokens_per_step = t.batch_size * m.context_length
+  tokens_per_step = args.decode or t.batch_size * m.context_length
   workers = {f: _start(f, shape, args, overrides) for f in args.frameworks}
   counts = {f: setup["params"] for f, (_, setup) in workers.items()}
   if len(set(counts.values())) != 1:
@@ -181,7 +264,8 @@ def _compare(shape, args, overrides) -> dict:
     process.stdin.close()
     process.wait()
   result = {"shape": shape, "params": counts["llm-jax"], "batch_size": t.batch_size,
-            "context_length": m.context_length, "dtype": m.dtype,
+            "context_length": m.context_length, "dtype": m.dtype, "decode_batch": args.decode,
+            "sample": args.sample,
             "rounds": args.rounds, "steps_per_round": args.steps}
   for framework, (_, setup) in workers.items():
     step_time = statistics.median(times[framework])
@@ -206,6 +290,10 @@ def main() -> None:
   parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS,
                       help="llm-jax and the references to time (llm-jax is always timed)")
   parser.add_argument("--json", action="store_true", help="print one JSON object per shape")
+  parser.add_argument("--decode", type=int, default=0, metavar="BATCH",
+                      help="time decode steps at this batch instead of train steps")
+  parser.add_argument("--sample", action="store_true",
+                      help="with --decode: temperature 1 and top-p 0.95 instead of greedy")
   parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
   parser.add_argument("--shape", choices=list(SHAPES), help=argparse.SUPPRESS)
   args, overrides = parser.parse_known_args()
@@ -220,14 +308,17 @@ def main() -> None:
     if args.json:
       print(json.dumps(result), flush=True)
       continue
-    print(f"{shape}: {result['params'] / 1e6:.1f}M params, batch {result['batch_size']} x "
-          f"{result['context_length']} tokens, {result['dtype']}, median of "
-          f"{args.rounds} x {args.steps} steps per framework, alternating")
+    what = (f"decode batch {args.decode} ({'top-p 0.95' if args.sample else 'greedy'}), "
+            f"context {result['context_length']}" if args.decode else
+            f"batch {result['batch_size']} x {result['context_length']} tokens")
+    print(f"{shape}: {result['params'] / 1e6:.1f}M params, {what}, {result['dtype']}, median "
+          f"of {args.rounds} x {args.steps} steps per framework, alternating")
     for framework in args.frameworks:
       r = result[framework]
-      print(f"  {framework:12s} {r['step_time_sec'] * 1e3:8.1f} ms/step "
-            f"{r['tokens_per_sec']:10,.0f} tokens/s  (process CPU time "
-            f"{r['cpu_time_per_step_sec'] * 1e3:.0f} ms/step)")
+      cpu = ("" if args.decode else  # a decode turn's CPU time includes its prefills
+             f"  (process CPU time {r['cpu_time_per_step_sec'] * 1e3:.0f} ms/step)")
+      print(f"  {framework:12s} {r['step_time_sec'] * 1e3:8.2f} ms/step "
+            f"{r['tokens_per_sec']:10,.0f} tokens/s{cpu}")
     for framework in args.frameworks[1:]:
       print(f"  llm-jax / {framework} tokens/s: {result[f'ratio_to_{framework}']:.2f}x",
             flush=True)
