@@ -24,7 +24,6 @@ import json
 import math
 import pathlib
 import shutil
-import tempfile
 
 import jax
 import ml_dtypes
@@ -258,13 +257,21 @@ def _full(index, shape) -> tuple[slice, ...]:
 
 
 def _new_directory(path: pathlib.Path, option: str) -> pathlib.Path:
-  """A temporary directory beside `path`, which must not exist or be empty; renamed onto it
+  """A staging directory beside `path`, which must not exist or be empty; renamed onto it
   only when complete, so nothing is ever half-written at `path`."""
   if path.exists() and (not path.is_dir() or any(path.iterdir())):
     raise UserError(f"{option} {path} exists and is not empty; choose a new {option} "
                     "(nothing was written).")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  return pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+  staging = path.with_name(f".{path.name}.partial")
+  shutil.rmtree(staging, ignore_errors=True)  # left by an import or export that was killed
+  staging.mkdir(parents=True)
+  return staging
+
+
+def _publish(staging: pathlib.Path, path: pathlib.Path) -> None:
+  if path.exists():
+    path.rmdir()  # empty, as _new_directory checked
+  staging.rename(path)
 
 
 def import_model(source, workdir, context_length: int | None = None) -> dict:
@@ -298,9 +305,7 @@ def import_model(source, workdir, context_length: int | None = None) -> dict:
     saver.close()
     tokenizer.save(staging)
     (staging / "config.json").write_text(config_lib.to_json(config))
-    if workdir.exists():
-      workdir.rmdir()
-    staging.rename(workdir)
+    _publish(staging, workdir)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return {"params": sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
@@ -358,9 +363,7 @@ def export_model(workdir, out, step: int | None = None, dtype: str | None = None
     hf = config_to_hf(run.config, run.tokenizer, str(target))
     (staging / "config.json").write_text(json.dumps(hf, indent=2))
     run.tokenizer.export_hf(staging)
-    if out.exists():
-      out.rmdir()
-    staging.rename(out)
+    _publish(staging, out)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   log(f"Exported step {run.step} of {workdir} to {out}: {len(files)} safetensors file(s)")
