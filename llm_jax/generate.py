@@ -12,6 +12,7 @@ Token ids in, token ids out: text, tokenizers and checkpoints are `llm_jax.run`'
 
 import dataclasses
 import functools
+from collections.abc import Iterator
 
 import flax.linen as nn
 import jax
@@ -60,34 +61,66 @@ def _for_decoding(model: Transformer, params):
   return Transformer(dataclasses.replace(c, scan_layers=False)), params
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps", "top_k", "eos_id", "num_tokens"))
-def _generate(params, prompt_BP, lengths_B, key, temperature, top_p, *, model, steps, top_k,
-              eos_id, num_tokens):
-  B = prompt_BP.shape[0]
+def _bucket(n: int, cap: int) -> int:
+  """`n` rounded up to a power of two (at least 16), at most `cap`: prompt lengths and step
+  counts take a handful of shapes, so a stream of requests compiles a handful of programs."""
+  return min(cap, max(16, 1 << (n - 1).bit_length()))
+
+
+def _reorder_rows(cache, rows_R):
+  # A cache leaf is [..., rows, kv_heads, slots, head_dim], with a leading layer axis when
+  # the layers are scanned.
+  return jax.tree.map(lambda x: jnp.take(x, rows_R, axis=x.ndim - 4), cache)
+
+
+def _start(params, model, prompt_BP, lengths_B, samples: int, num_tokens):
+  """Prefill of each distinct prompt once, its cache and logits copied to its `samples` rows.
+
+  Returns the decoding state: (step 0, cache, logits, done flags) of B * samples rows."""
+  cache, logits_BV = prefill(params, model, prompt_BP, lengths_B, num_tokens)
+  rows_R = jnp.repeat(jnp.arange(prompt_BP.shape[0]), samples)
+  return (0, _reorder_rows(cache, rows_R), logits_BV[rows_R],
+          jnp.zeros(rows_R.shape, bool))
+
+
+def _step(params, model, lengths_R, key, temperature, top_p, state, *, top_k, eos_id,
+          num_tokens):
+  """One decoding step of every row: choose a token, feed it. Returns (state, key, tokens)."""
+  i, cache, logits_RV, done_R = state
+  key, draw = jax.random.split(key)
+  token_R = sampling.sample(draw, logits_RV, temperature, top_k, top_p).astype(jnp.int32)
+  token_R = jnp.where(done_R, eos_id, token_R)
+  done_R = done_R | (token_R == eos_id)
+  logits_RV, cache = _decode_one(params, model, cache, token_R, lengths_R + i, num_tokens)
+  return (i + 1, cache, logits_RV, done_R), key, token_R
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_steps", "samples", "top_k", "eos_id",
+                                             "num_tokens"))
+def _generate(params, prompt_BP, lengths_B, key, temperature, top_p, steps, *, model,
+              max_steps, samples, top_k, eos_id, num_tokens):
   model, params = _for_decoding(model, params)
-  cache, next_logits_BV = prefill(params, model, prompt_BP, lengths_B, num_tokens)
+  state = _start(params, model, prompt_BP, lengths_B, samples, num_tokens)
+  lengths_R = jnp.repeat(lengths_B, samples)
+  step = functools.partial(_step, params, model, lengths_R, top_k=top_k, eos_id=eos_id,
+                           num_tokens=num_tokens)
 
   def keep_going(carry):
-    i, _, _, _, done_B, _ = carry
-    return (i < steps) & ~jnp.all(done_B)
+    (i, _, _, done_R), _, _ = carry
+    return (i < steps) & ~jnp.all(done_R)
 
-  def step(carry):
-    i, cache, logits_BV, key, done_B, out_BS = carry
-    key, draw = jax.random.split(key)
-    token_B = sampling.sample(draw, logits_BV, temperature, top_k, top_p).astype(jnp.int32)
-    token_B = jnp.where(done_B, eos_id, token_B)
-    out_BS = out_BS.at[:, i].set(token_B)
-    done_B = done_B | (token_B == eos_id)
-    logits_BV, cache = _decode_one(params, model, cache, token_B, lengths_B + i, num_tokens)
-    return i + 1, cache, logits_BV, key, done_B, out_BS
+  def body(carry):
+    state, key, out_RS = carry
+    state, key, token_R = step(key, temperature, top_p, state)
+    return state, key, out_RS.at[:, state[0] - 1].set(token_R)
 
-  out_BS = jnp.full((B, steps), eos_id, jnp.int32)
-  carry = (0, cache, next_logits_BV, key, jnp.zeros((B,), bool), out_BS)
-  return jax.lax.while_loop(keep_going, step, carry)[-1]
+  out_RS = jnp.full((lengths_R.shape[0], max_steps), eos_id, jnp.int32)
+  return jax.lax.while_loop(keep_going, body, (state, key, out_RS))[-1]
 
 
 def _padded_prompts(model: Transformer, prompts: list[list[int]], max_new_tokens: int):
-  """Checks prompts against the context; returns right-padded [B, P] ids and lengths [B]."""
+  """Checks prompts against the context; returns [B, P] ids, right-padded to a bucket of
+  lengths, and the lengths [B]."""
   context = model.config.context_length
   if not prompts or any(len(p) == 0 for p in prompts):
     raise UserError("A prompt is empty; give at least one token of text.")
@@ -99,7 +132,7 @@ def _padded_prompts(model: Transformer, prompts: list[list[int]], max_new_tokens
     raise UserError(f"A prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
                     f"the context of {context} tokens; shorten the prompt or lower "
                     "max_new_tokens.")
-  prompt_BP = np.zeros((len(prompts), longest), np.int32)
+  prompt_BP = np.zeros((len(prompts), _bucket(longest, context)), np.int32)
   for row, ids in enumerate(prompts):
     prompt_BP[row, :len(ids)] = ids
   lengths_B = np.asarray([len(p) for p in prompts], np.int32)
@@ -117,22 +150,54 @@ def _until_eos(ids: list[int], eos_id: int) -> list[int]:
 
 def generate(params, model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
              eos_id: int, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float = 1.0, seed: int = 0, num_tokens: int | None = None
-             ) -> list[list[int]]:
+             top_p: float = 1.0, seed: int = 0, num_tokens: int | None = None,
+             samples: int = 1) -> list[list[int]]:
   """New token ids for each prompt, ending before end-of-sequence or at `max_new_tokens`,
   all below `num_tokens` if given (the tokenizer's size, under a padded embedding).
 
-  Deterministic for a given seed. A prompt that leaves fewer than `max_new_tokens` positions
-  of the context is refused rather than truncated, so what the model sees is what was asked.
+  With `samples` > 1, each prompt is prefilled once and continued `samples` times (rows
+  prompt-major). Deterministic for a given seed. A prompt that leaves fewer than
+  `max_new_tokens` positions of the context is refused rather than truncated, so what the
+  model sees is what was asked.
   """
   sampling.check_options(temperature, top_k, top_p, model.config.vocab_size)
   _check_max_new_tokens(max_new_tokens)
   prompt_BP, lengths_B = _padded_prompts(model, prompts, max_new_tokens)
-  out_BS = _generate(params, prompt_BP, lengths_B, jax.random.key(seed),
-                     jnp.float32(temperature), jnp.float32(top_p),
-                     model=model, steps=max_new_tokens, top_k=top_k or 0, eos_id=eos_id,
-                     num_tokens=num_tokens)
-  return [_until_eos(row, eos_id) for row in np.asarray(out_BS).tolist()]
+  out_RS = _generate(params, prompt_BP, lengths_B, jax.random.key(seed),
+                     jnp.float32(temperature), jnp.float32(top_p), jnp.int32(max_new_tokens),
+                     model=model, max_steps=_bucket(max_new_tokens, model.config.context_length),
+                     samples=samples, top_k=top_k or 0, eos_id=eos_id, num_tokens=num_tokens)
+  return [_until_eos(row[:max_new_tokens], eos_id) for row in np.asarray(out_RS).tolist()]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_tokens"))
+def _stream_start(params, prompt_BP, lengths_B, *, model, num_tokens):
+  return _start(params, model, prompt_BP, lengths_B, 1, num_tokens)
+
+
+_stream_step = jax.jit(_step, static_argnames=("model", "top_k", "eos_id", "num_tokens"),
+                       donate_argnames="state")
+
+
+def stream(params, model: Transformer, prompt: list[int], max_new_tokens: int, *, eos_id: int,
+           temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+           seed: int = 0, num_tokens: int | None = None) -> Iterator[int]:
+  """Yields the new token ids of one prompt as they are decoded, ending before
+  end-of-sequence: the tokens `generate` returns for the same arguments and seed."""
+  sampling.check_options(temperature, top_k, top_p, model.config.vocab_size)
+  _check_max_new_tokens(max_new_tokens)
+  prompt_BP, lengths_B = _padded_prompts(model, [prompt], max_new_tokens)
+  model, params = _for_decoding(model, params)
+  state = _stream_start(params, prompt_BP, lengths_B, model=model, num_tokens=num_tokens)
+  key, temperature, top_p = jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p)
+  for _ in range(max_new_tokens):
+    state, key, token_R = _stream_step(params, model, lengths_B, key, temperature, top_p,
+                                       state, top_k=top_k or 0, eos_id=eos_id,
+                                       num_tokens=num_tokens)
+    token = int(token_R[0])
+    if token == eos_id:
+      return
+    yield token
 
 
 # --- beam search -----------------------------------------------------------------------------
@@ -146,12 +211,6 @@ class Hypothesis:
 
 def _length_normalised(log_prob, length, length_penalty):
   return log_prob / jnp.maximum(length, 1).astype(jnp.float32) ** length_penalty
-
-
-def _reorder_rows(cache, rows_R):
-  # A cache leaf is [..., rows, slots, kv_heads, head_dim], with a leading layer axis when
-  # the layers are scanned.
-  return jax.tree.map(lambda x: jnp.take(x, rows_R, axis=x.ndim - 4), cache)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "steps", "beams", "eos_id", "num_tokens"))

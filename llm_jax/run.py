@@ -77,8 +77,8 @@ class Run:
     `max_new_tokens=None` fills the rest of the context, up to DEFAULT_MAX_NEW_TOKENS.
     Sampling (temperature > 0) draws `num_samples` independent continuations; beam search
     (`beams > 1`, deterministic) returns its `num_samples` best beams. Prompts go to the
-    device `batch_size` rows at a time; the result is deterministic for a given seed and
-    batch size.
+    device `batch_size` rows at a time (a prompt and its samples together); the result is
+    deterministic for a given seed and batch size.
     """
     prompt_ids = [self.encode_prompt(p) for p in ([prompts] if isinstance(prompts, str)
                                                   else prompts)]
@@ -109,16 +109,43 @@ class Run:
         if num_samples > 1 and temperature == 0:
           raise UserError(f"--num_samples={num_samples} with temperature 0 (greedy) would "
                           "repeat one text; set --temperature above 0 or use --beams.")
-        rows = [ids for ids in prompt_ids for _ in range(num_samples)]
+        # Each prompt is prefilled once for its samples; every chunk has the same number of
+        # rows (the last one padded with its final prompt), so all compile to one program.
+        per_chunk = max(1, batch_size // num_samples)
         new_ids = []
-        for index, chunk in enumerate(_chunks(rows, batch_size)):
-          chunk_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+        for index, chunk in enumerate(_chunks(prompt_ids, per_chunk)):
+          padded = chunk + [chunk[-1]] * (min(per_chunk, len(prompt_ids)) - len(chunk))
           new_ids += generate_lib.generate(
-              self.params, self.model, chunk, max_new_tokens, eos_id=eos,
-              temperature=temperature, top_k=top_k, top_p=top_p, seed=chunk_seed,
-              num_tokens=self.tokenizer.vocab_size)
+              self.params, self.model, padded, max_new_tokens, eos_id=eos,
+              temperature=temperature, top_k=top_k, top_p=top_p,
+              seed=_chunk_seed(seed, index), num_tokens=self.tokenizer.vocab_size,
+              samples=num_samples)[:len(chunk) * num_samples]
     texts = [self.tokenizer.decode(ids) for ids in new_ids]
     return [texts[i:i + num_samples] for i in range(0, len(texts), num_samples)]
+
+  def stream(self, prompt: str, max_new_tokens: int | None = None, *,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+             seed: int = 0) -> Iterator[str]:
+    """Yields the continuation of `prompt` piece by piece as it is decoded: the text
+    `generate` returns for the same arguments (one prompt, one sample)."""
+    ids = self.encode_prompt(prompt)
+    if max_new_tokens is None:
+      room = self.model.config.context_length - len(ids)
+      max_new_tokens = max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
+    new_ids, shown = [], ""
+    with sharding.activate(self.mesh):
+      for token in generate_lib.stream(
+          self.params, self.model, ids, max_new_tokens, eos_id=self.tokenizer.eos_id,
+          temperature=temperature, top_k=top_k, top_p=top_p, seed=_chunk_seed(seed, 0),
+          num_tokens=self.tokenizer.vocab_size):
+        new_ids.append(token)
+        text = self.tokenizer.decode(new_ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a character's bytes
+          yield text[len(shown):]
+          shown = text
+    text = self.tokenizer.decode(new_ids)
+    if text != shown:
+      yield text[len(shown):]
 
   def next_token_distribution(self, prompt: str, top: int = 10) -> Distribution:
     """The `top` most likely tokens after `prompt`, and the mass of the rest."""
@@ -178,6 +205,11 @@ def plot_distribution(distribution: Distribution, prompt: str, path) -> None:
   figure.tight_layout()
   figure.savefig(path, dpi=120)
   plt.close(figure)
+
+
+def _chunk_seed(seed: int, index: int) -> int:
+  """The sampling seed of the `index`-th chunk of prompts of a call made with `seed`."""
+  return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llm_jax import generate as generate_lib
 from llm_jax import sampling, sharding
 from llm_jax.errors import UserError
 from llm_jax.generate import beam_search, generate, next_token_probs
@@ -276,3 +277,46 @@ def test_generation_keeps_to_the_tokenizers_ids_under_a_padded_embedding(model_a
   beams = beam_search(params, model, prompts, 4, eos_id=-1, beams=3, num_tokens=500)
   assert all(max(h.tokens) < 500 for hypotheses in beams for h in hypotheses)
   assert next_token_probs(params, model, prompts, num_tokens=500).shape == (2, 500)
+
+
+def test_prompts_of_many_lengths_compile_a_handful_of_programs(model_and_params):
+  model, params = model_and_params
+  before = generate_lib._generate._cache_size()
+  rng = np.random.default_rng(3)
+  for length in range(1, 25):  # a stream of requests of every prompt length and many budgets
+    prompt = [2, *rng.integers(4, 500, length - 1).tolist()]
+    generate(params, model, [prompt], 1 + length % 7, eos_id=-1)
+  # Prompt lengths round up to 16 or 32 tokens and step counts to 16: two programs, not 24.
+  assert generate_lib._generate._cache_size() - before <= 2
+
+
+def test_samples_share_one_prefill_and_match_separate_rows(model_and_params, monkeypatch):
+  model, params = model_and_params
+  prompts = [[2, 5, 6], [2, 7, 8, 9]]
+  prefilled_rows = []
+  real_prefill = generate_lib.prefill
+
+  def counting_prefill(params, model, prompt_BP, *args):
+    prefilled_rows.append(prompt_BP.shape[0])
+    return real_prefill(params, model, prompt_BP, *args)
+  monkeypatch.setattr(generate_lib, "prefill", counting_prefill)
+  greedy = generate(params, model, prompts, 6, eos_id=-1, samples=3, seed=4)
+  sampled = generate(params, model, prompts, 6, eos_id=-1, samples=3, temperature=1.0, seed=4)
+  assert prefilled_rows and set(prefilled_rows) == {2}  # one prefill row per prompt
+  alone = generate(params, model, prompts, 6, eos_id=-1)
+  assert greedy == [alone[0]] * 3 + [alone[1]] * 3  # the copied cache continues each prompt
+  assert len({tuple(ids) for ids in sampled[:3]}) > 1  # samples of one prompt differ
+  assert sampled == generate(params, model, prompts, 6, eos_id=-1, samples=3, temperature=1.0,
+                             seed=4)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (1.0, 0.9)])
+def test_streaming_yields_the_tokens_of_the_batch_call(model_and_params, temperature, top_p):
+  model, params = model_and_params
+  prompt = [2, 11, 12, 13]
+  for seed in (0, 1):
+    batch = generate(params, model, [prompt], 12, eos_id=3, temperature=temperature,
+                     top_p=top_p, seed=seed)[0]
+    streamed = list(generate_lib.stream(params, model, prompt, 12, eos_id=3,
+                                        temperature=temperature, top_p=top_p, seed=seed))
+    assert streamed == batch

@@ -184,3 +184,11 @@ def test_mesh_override_and_bad_overrides(capsys, workdir, run):
   assert sharded.generate(["def ", "import os"], 6) == run.generate(["def ", "import os"], 6)
   with pytest.raises(UserError, match="Only --config.mesh"):
     load_run(workdir, ["model.d_model=8"])
+
+
+def test_streamed_text_joins_into_the_generated_text(run):
+  for temperature in (0.0, 0.9):
+    pieces = list(run.stream("def main():", 20, temperature=temperature, seed=5))
+    assert len(pieces) > 1  # it streams, piece by piece
+    assert "".join(pieces) == run.generate("def main():", 20, temperature=temperature,
+                                           seed=5)[0][0]
