@@ -315,46 +315,49 @@ def import_model(source, workdir, context_length: int | None = None) -> dict:
 
 # --- export -------------------------------------------------------------------------------
 
+def _shards(tensors: list[tuple], itemsize: int, max_bytes: int) -> list[list[tuple]]:
+  """`tensors` (name, ..., shape) in order, cut into files of at most `max_bytes` each."""
+  shards, size = [[]], 0
+  for tensor in tensors:
+    nbytes = math.prod(tensor[-1]) * itemsize
+    if shards[-1] and size + nbytes > max_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(tensor)
+    size += nbytes
+  return shards
+
+
 def export_model(workdir, out, step: int | None = None, dtype: str | None = None,
                  max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
   """Writes the run in `workdir` (its newest readable checkpoint, or `step`) to `out` as an
   HF Llama directory: config.json, safetensors shards with an index, tokenizer files."""
   from llm_jax.run import load_run  # the run level: loads a checkpoint for use
+  if dtype not in (None, *safetensors_files.DTYPES):
+    raise UserError(f"--dtype={dtype} is not one of {', '.join(safetensors_files.DTYPES)}.")
   out = pathlib.Path(out)
-  if dtype not in (None, "float32", "bfloat16", "float16"):
-    raise UserError(f"--dtype={dtype} is not one of float32, bfloat16, float16.")
-  if out.exists() and (not out.is_dir() or any(out.iterdir())):
-    raise UserError(f"--out {out} exists and is not empty; choose a new --out (nothing was "
-                    "written).")
-  run = load_run(workdir, step=step)
-  params = traverse_util.flatten_dict(run.params)
-  target = np.dtype(safetensors_files.DTYPES[dtype or run.config.model.param_dtype])
-  tensors = []  # (HF name, our path, layer or None, HF shape)
-  for path, names in _tensor_names(run.model.config).items():
-    stacked = path[0] == "layers"
-    shape = _hf_shape(path, params[path].shape[1:] if stacked else params[path].shape)
-    tensors += [(name, path, i if stacked else None, shape) for i, name in enumerate(names)]
-  shards, size = [[]], 0
-  for tensor in tensors:
-    nbytes = math.prod(tensor[3]) * target.itemsize
-    if shards[-1] and size + nbytes > max_shard_bytes:
-      shards.append([])
-      size = 0
-    shards[-1].append(tensor)
-    size += nbytes
-
-  def arrays(shard):
-    for _, path, layer, _ in shard:
-      value = params[path] if layer is None else params[path][layer]
-      yield _hf_from_ours(path, np.asarray(jax.device_get(value))).astype(target)
-
   staging = _new_directory(out, "--out")
   try:
+    run = load_run(workdir, step=step)
+    params = traverse_util.flatten_dict(run.params)
+    target = np.dtype(safetensors_files.DTYPES[dtype or run.config.model.param_dtype])
+    tensors = []  # (HF name, our path, layer or None, HF shape)
+    for path, names in _tensor_names(run.model.config).items():
+      stacked = path[0] == "layers"
+      shape = _hf_shape(path, params[path].shape[1:] if stacked else params[path].shape)
+      tensors += [(name, path, i if stacked else None, shape) for i, name in enumerate(names)]
+    shards = _shards(tensors, target.itemsize, max_shard_bytes)
+
+    def arrays(shard):  # one tensor at a time, as the file is written
+      for _, path, layer, _ in shard:
+        value = params[path] if layer is None else params[path][layer]
+        yield _hf_from_ours(path, np.asarray(jax.device_get(value))).astype(target)
+
     files = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for file, shard in zip(files, shards):
       safetensors_files.write(staging / file, [(n, s, target) for n, _, _, s in shard],
-                         arrays(shard))
+                              arrays(shard))
     if len(shards) > 1:
       index = {"metadata": {"total_size": sum(math.prod(t[3]) for t in tensors)
                             * target.itemsize},

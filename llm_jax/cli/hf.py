@@ -41,6 +41,6 @@ def add_commands(commands) -> None:
   common.add_workdir_argument(to_hf)
   to_hf.add_argument("--out", required=True, help="a new (or empty) directory to write")
   to_hf.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
-  to_hf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                     help="the weights' dtype (default: the run's parameter dtype)")
+  to_hf.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the run's "
+                     "parameter dtype)")
   to_hf.set_defaults(handler=_export)
