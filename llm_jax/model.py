@@ -90,6 +90,11 @@ def _param(module, name, init, shape, axes):
                       jnp.dtype(module.config.param_dtype))
 
 
+def _dense(x, w, num_contracted: int, config: ModelConfig, transpose_w: bool = False):
+  """`x` contracted with the weight `w`, in the config's dtype and matmul precision."""
+  return project(x, w.astype(config.dtype), num_contracted, config.bf16_operands, transpose_w)
+
+
 class RMSNorm(nn.Module):
   config: ModelConfig
 
@@ -160,11 +165,9 @@ class Attention(nn.Module):
                     ("embed", "kv_heads", "head_dim"))
     wo_NHD = _param(self, "out", _dense_init((0, 1), 2, residual_scale), (N, H, D),
                     ("heads", "head_dim", "embed"))
-    dtype = c.dtype
-    bf16 = c.bf16_operands
-    q_BTNH = project(x_BTD, wq_DNH.astype(dtype), 1, bf16)
-    k_BSKH = project(x_BTD, wk_DKH.astype(dtype), 1, bf16)
-    v_BSKH = project(x_BTD, wv_DKH.astype(dtype), 1, bf16)
+    q_BTNH = _dense(x_BTD, wq_DNH, 1, c)
+    k_BSKH = _dense(x_BTD, wk_DKH, 1, c)
+    v_BSKH = _dense(x_BTD, wv_DKH, 1, c)
     q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "heads", "head_dim"))
     k_BSKH = nn.with_logical_constraint(k_BSKH, ("batch", "length", "kv_heads", "head_dim"))
     v_BSKH = nn.with_logical_constraint(v_BSKH, ("batch", "length", "kv_heads", "head_dim"))
@@ -188,7 +191,7 @@ class Attention(nn.Module):
           q_BTNH, k_BSKH, v_BSKH, mask=attention_mask(segment_ids_BT)[:, None], is_causal=True,
           implementation=c.attention)
     out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "head_dim"))
-    return project(out_BTNH, wo_NHD.astype(dtype), 2, bf16)
+    return _dense(out_BTNH, wo_NHD, 2, c)
 
   def _write_cache(self, k_BTKH, v_BTKH, positions_BT):
     """Stores this call's keys/values at their positions; returns the whole cache, head-major
@@ -219,11 +222,10 @@ class MLP(nn.Module):
     w_up_DF = _param(self, "up", _dense_init(0, 1), (D, F), ("embed", "mlp"))
     w_down_FD = _param(self, "down", _dense_init(0, 1, 1.0 / (2 * c.num_layers)), (F, D),
                        ("mlp", "embed"))
-    bf16 = c.bf16_operands
-    gate_BTF = project(x_BTD, w_gate_DF.astype(c.dtype), 1, bf16)
-    up_BTF = project(x_BTD, w_up_DF.astype(c.dtype), 1, bf16)
+    gate_BTF = _dense(x_BTD, w_gate_DF, 1, c)
+    up_BTF = _dense(x_BTD, w_up_DF, 1, c)
     hidden_BTF = nn.with_logical_constraint(nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp"))
-    return project(hidden_BTF, w_down_FD.astype(c.dtype), 1, bf16)
+    return _dense(hidden_BTF, w_down_FD, 1, c)
 
 
 class Block(nn.Module):
@@ -277,10 +279,9 @@ class Transformer(nn.Module):
 
     x_BTD = RMSNorm(c, name="final_norm")(x_BTD)
     if c.tie_embeddings:
-      logits_BTV = project(x_BTD, embedding_VD.astype(c.dtype), 1, c.bf16_operands,
-                           transpose_w=True)
+      logits_BTV = _dense(x_BTD, embedding_VD, 1, c, transpose_w=True)
     else:
       head_DV = _param(self, "lm_head", _dense_init(0, 1), (c.d_model, c.vocab_size),
                        ("embed", "vocab"))
-      logits_BTV = project(x_BTD, head_DV.astype(c.dtype), 1, c.bf16_operands)
+      logits_BTV = _dense(x_BTD, head_DV, 1, c)
     return nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))

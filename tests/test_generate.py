@@ -70,6 +70,17 @@ def test_greedy_batch_of_different_lengths_equals_the_argmax_chain(model_and_par
     assert new == _greedy_without_cache(model, params, prompt, 10)
 
 
+def test_greedy_with_bfloat16_operands_equals_the_argmax_chain(model_and_params):
+  """The decode path (per-layer parameters, head-major cache) with bfloat16 matmul operands
+  follows the model's own argmax chain."""
+  _, params = model_and_params
+  model = _model("model.matmul_precision=bfloat16")
+  assert model.config.bf16_operands
+  prompts = [[2, 17, 99, 240, 5], [2, 400]]
+  for prompt, new in zip(prompts, generate(params, model, prompts, 10, eos_id=-1)):
+    assert new == _greedy_without_cache(model, params, prompt, 10)
+
+
 def test_temperature_zero_is_greedy_whatever_the_filters(model_and_params):
   model, params = model_and_params
   prompts = [[2, 17, 99], [2, 400, 401, 402]]
