@@ -18,6 +18,7 @@ caller, so Orbax reshards a checkpoint written on one mesh onto another.
 
 import base64
 import dataclasses
+import functools
 import json
 import pathlib
 import shutil
@@ -230,10 +231,15 @@ class InitSource:
     """Where the parameters come from: the checkpoint's own directory."""
     return str(self.checkpointer.directory / str(self.step))
 
+  @functools.cached_property
+  def source_shapes(self) -> dict:
+    """{parameter path: shape} of the source, read once from the checkpoint's metadata."""
+    return traverse_util.flatten_dict(self.checkpointer.param_shapes(self.step))
+
   def check_shapes(self, params, config) -> None:
     """Refuses when a parameter of `params` (arrays or ShapeDtypeStructs of `config`'s model)
     has another shape in the source, naming the config keys that differ."""
-    source_shapes = traverse_util.flatten_dict(self.checkpointer.param_shapes(self.step))
+    source_shapes = self.source_shapes
     for path, value in traverse_util.flatten_dict(params).items():
       if path in source_shapes and source_shapes[path] != value.shape:
         differences = config_lib.model_differences(self.config, config)
@@ -252,7 +258,7 @@ class InitSource:
     out; both are named in the log.
     """
     self.check_shapes(fresh_params, config)
-    source_shapes = traverse_util.flatten_dict(self.checkpointer.param_shapes(self.step))
+    source_shapes = self.source_shapes
     fresh = traverse_util.flatten_dict(fresh_params)
     shared = {path: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
               for path, v in fresh.items() if path in source_shapes}

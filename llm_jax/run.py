@@ -90,8 +90,7 @@ class Run:
       raise UserError(f"--batch_size={batch_size} must be at least 1.")
     sampling.check_options(temperature, top_k, top_p, self.tokenizer.vocab_size)
     if max_new_tokens is None:
-      room = self.model.config.context_length - max(len(p) for p in prompt_ids)
-      max_new_tokens = max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
+      max_new_tokens = self._room_after(max(len(p) for p in prompt_ids))
     eos = self.tokenizer.eos_id
     with sharding.activate(self.mesh):
       if beams != 1:
@@ -123,6 +122,11 @@ class Run:
     texts = [self.tokenizer.decode(ids) for ids in new_ids]
     return [texts[i:i + num_samples] for i in range(0, len(texts), num_samples)]
 
+  def _room_after(self, prompt_tokens: int) -> int:
+    """New tokens when none are asked for: the rest of the context, up to the default."""
+    room = self.model.config.context_length - prompt_tokens
+    return max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
+
   def stream(self, prompt: str, max_new_tokens: int | None = None, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
              seed: int = 0) -> Iterator[str]:
@@ -130,8 +134,7 @@ class Run:
     `generate` returns for the same arguments (one prompt, one sample)."""
     ids = self.encode_prompt(prompt)
     if max_new_tokens is None:
-      room = self.model.config.context_length - len(ids)
-      max_new_tokens = max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
+      max_new_tokens = self._room_after(len(ids))
     new_ids, shown = [], ""
     with sharding.activate(self.mesh):
       for token in generate_lib.stream(
