@@ -53,6 +53,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   t.grad_clip = 1.0  # clip gradients to this global norm (0 disables clipping)
   t.seed = 0  # seed of parameter init, data order and sampling
   t.init_from = ""  # run directory (or its checkpoints/STEP) whose parameters start a new run
+  t.model_from_init = False  # take the model keys (but execution-only ones) from init_from's run
   t.log_every = 10  # steps between rows of metrics.jsonl
   t.eval_every = 200  # steps between validation evaluations (0: only at the end)
   t.eval_tokens = 16_384  # validation input positions per evaluation (same set every time)
@@ -66,11 +67,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   t.sample_temperature = 0.7  # sampling temperature of that sample (0: greedy)
 
   c.data = d = ml_collections.ConfigDict()
-  d.source = "builtin"  # 'builtin' (stdlib .py), 'files:<glob>', 'tfds:<name>[/<cfg>][:<split>]'
+  d.source = "builtin"  # builtin (stdlib .py), files:<glob>, tfds:<name>[/<cfg>][:<split>], chat:<glob>
   d.mixture = ""  # 'SOURCE=WEIGHT; ...' with weights as token shares; '' reads data.source
   d.text_key = "text"  # field holding the text in .jsonl lines and TFDS features
   d.tfds_data_dir = ""  # where tfds: datasets are prepared ('' is TFDS's default directory)
   d.tokenizer = ""  # path of an existing SentencePiece model, or '' to train one
+  d.chat_truncate = False  # a chat longer than the context: dropped, or (True) cut after an answer that fits
   d.val_fraction = 0.02  # share of documents held out for validation, chosen by path hash
   d.tokenizer_sample_bytes = 4_000_000  # training-split text sampled to train a tokenizer
 

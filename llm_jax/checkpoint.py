@@ -20,6 +20,7 @@ import base64
 import dataclasses
 import functools
 import json
+import logging
 import pathlib
 import shutil
 import time
@@ -95,16 +96,23 @@ class Checkpointer:
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=keep),
         ocp.checkpoint_managers.CustomSteps(steps=list(keep_steps))])
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=not read_only)
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        # Both handlers read the same files; the PyTree one can restore a part of the state.
-        item_handlers={"state": (ocp.PyTreeCheckpointHandler() if read_only
-                                 else ocp.StandardCheckpointHandler()),
-                       "data": _DataHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    if read_only:  # Orbax warns that a read-only manager is read-only; users asked for that
+      absl_logger.setLevel(logging.ERROR)
+    try:
+      options = ocp.CheckpointManagerOptions(
+          preservation_policy=policy, create=not read_only, read_only=read_only,
+          enable_async_checkpointing=not read_only)
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=options,
+          # Both handlers read the same files; the PyTree one can restore a part of the state.
+          item_handlers={"state": (ocp.PyTreeCheckpointHandler() if read_only
+                                   else ocp.StandardCheckpointHandler()),
+                         "data": _DataHandler(),
+                         "meta": ocp.JsonCheckpointHandler()})
+    finally:
+      absl_logger.setLevel(level)
 
   def steps(self) -> list[int]:
     """Steps of the complete checkpoints on disk, oldest first."""

@@ -33,12 +33,39 @@ def load_config(spec: str | None = None, overrides: list[str] = ()) -> ml_collec
 
   A path that does not exist relative to the working directory is looked up among the
   configs shipped with the package, so `configs/llama.py:llama3-8b` works from anywhere.
+  With `train.init_from` and `train.model_from_init` set, the model keys (but execution-only
+  ones) are first those of the run it starts from, then the overrides apply: post-training
+  needs no model keys, and `--config.model.context_length=...` still sets one.
   """
   config = base.get_config() if spec is None else _load_config_file(spec)
   _check_declared(config, base.get_config())
   for override in overrides:
     apply_override(config, override)
+  if config.train.init_from and config.train.model_from_init:
+    init_model = _model_of_run(config.train.init_from)
+    config = base.get_config() if spec is None else _load_config_file(spec)
+    for key, value in init_model.items():
+      if key in config.model and key not in EXECUTION_ONLY_MODEL_KEYS:
+        config.model[key] = value
+    for override in overrides:
+      apply_override(config, override)
   return config
+
+
+def _model_of_run(init_from: str) -> ml_collections.ConfigDict:
+  """The model keys in the config.json of the run `init_from` names (or of the run whose
+  checkpoints/STEP it names)."""
+  path = pathlib.Path(init_from)
+  saved = (path.parent.parent if path.parent.name == "checkpoints" else path) / "config.json"
+  if not saved.is_file():
+    raise UserError(f"train.init_from={init_from} is not a run directory with checkpoints; "
+                    "point it at the --workdir of a finished run (or its checkpoints/STEP).")
+  try:
+    return from_json(saved.read_text()).model
+  except (json.JSONDecodeError, TypeError, AttributeError):
+    raise UserError(f"{saved} is not a readable config, so train.model_from_init cannot take "
+                    "its model keys; set them yourself with train.model_from_init=false.") \
+        from None
 
 
 def _load_config_file(spec: str) -> ml_collections.ConfigDict:

@@ -3,8 +3,10 @@
     from llm_jax.run import load_run
     run = load_run("runs/default")              # newest readable checkpoint of the run
     run.generate("def main():", max_new_tokens=64, temperature=0.8, top_p=0.95)
+    run.chat([{"role": "user", "content": "What does json.dumps do?"}])   # the answer
     run.next_token_distribution("import ", top=5)
     run.evaluate()                              # the run's validation split; or files="*.txt"
+    run.evaluate(chat="held_out/*.jsonl")       # assistant tokens of conversations
 
 Loading reads the newest checkpoint's config and tokenizer (both are saved inside every
 checkpoint) and restores only its parameters, sharded over a mesh of this machine's devices.
@@ -13,6 +15,7 @@ It never writes to the run directory. Token-level work is in `llm_jax.generate` 
 """
 
 import dataclasses
+import functools
 import math
 import pathlib
 from collections.abc import Iterator, Sequence
@@ -25,8 +28,8 @@ from llm_jax import checkpoint, sampling, sharding
 from llm_jax import config as config_lib
 from llm_jax import evaluate as evaluate_lib
 from llm_jax import generate as generate_lib
+from llm_jax.data import chat_template, conversations, sources
 from llm_jax.data import files as files_lib
-from llm_jax.data import sources
 from llm_jax.data.documents import Documents
 from llm_jax.data.tokenizer import Tokenizer, tokenizer_from_bytes
 from llm_jax.distributed import log
@@ -71,8 +74,9 @@ class Run:
   def generate(self, prompts: str | Sequence[str], max_new_tokens: int | None = None, *,
                temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
                beams: int = 1, length_penalty: float = 1.0, num_samples: int = 1,
-               seed: int = 0, batch_size: int = 16) -> list[list[str]]:
-    """`num_samples` continuations of each prompt (a list per prompt), without the prompt.
+               seed: int = 0, batch_size: int = 16, chat: bool = False) -> list[list[str]]:
+    """`num_samples` continuations of each prompt (a list per prompt), without the prompt;
+    with `chat`, each prompt is a user's turn and the texts are the assistant's answers.
 
     `max_new_tokens=None` fills the rest of the context, up to DEFAULT_MAX_NEW_TOKENS.
     Sampling (temperature > 0) draws `num_samples` independent continuations; beam search
@@ -80,8 +84,9 @@ class Run:
     device `batch_size` rows at a time (a prompt and its samples together); the result is
     deterministic for a given seed and batch size.
     """
-    prompt_ids = [self.encode_prompt(p) for p in ([prompts] if isinstance(prompts, str)
-                                                  else prompts)]
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompt_ids = [self.chat_format.prompt(self._user_turn(p)) if chat else self.encode_prompt(p)
+                  for p in prompts]
     if not prompt_ids:
       raise UserError("No prompts were given; give at least one.")
     if num_samples < 1:
@@ -91,7 +96,7 @@ class Run:
     sampling.check_options(temperature, top_k, top_p, self.tokenizer.vocab_size)
     if max_new_tokens is None:
       max_new_tokens = self._room_after(max(len(p) for p in prompt_ids))
-    eos = self.tokenizer.eos_id
+    eos = self.chat_format.stop_id if chat else self.tokenizer.eos_id
     with sharding.activate(self.mesh):
       if beams != 1:
         if temperature > 0 or top_k is not None or top_p < 1:
@@ -132,13 +137,23 @@ class Run:
              seed: int = 0) -> Iterator[str]:
     """Yields the continuation of `prompt` piece by piece as it is decoded: the text
     `generate` returns for the same arguments (one prompt, one sample)."""
-    ids = self.encode_prompt(prompt)
+    return self._stream(self.encode_prompt(prompt), self.tokenizer.eos_id, max_new_tokens,
+                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+  def _stream(self, ids: list[int], stop_id: int, max_new_tokens: int | None, *,
+              temperature: float, top_k: int | None, top_p: float, seed: int) -> Iterator[str]:
+    # Checked before the generator starts, so bad options fail before any output.
+    sampling.check_options(temperature, top_k, top_p, self.tokenizer.vocab_size)
     if max_new_tokens is None:
       max_new_tokens = self._room_after(len(ids))
+    return self._pieces(ids, stop_id, max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, seed=seed)
+
+  def _pieces(self, ids, stop_id, max_new_tokens, *, temperature, top_k, top_p, seed):
     new_ids, shown = [], ""
     with sharding.activate(self.mesh):
       for token in generate_lib.stream(
-          self.params, self.model, ids, max_new_tokens, eos_id=self.tokenizer.eos_id,
+          self.params, self.model, ids, max_new_tokens, eos_id=stop_id,
           temperature=temperature, top_k=top_k, top_p=top_p, seed=_chunk_seed(seed, 0),
           num_tokens=self.tokenizer.vocab_size):
         new_ids.append(token)
@@ -149,6 +164,43 @@ class Run:
     text = self.tokenizer.decode(new_ids)
     if text != shown:
       yield text[len(shown):]
+
+  @functools.cached_property
+  def chat_format(self) -> chat_template.ChatFormat:
+    """How this run's tokenizer encodes conversations (an error if it cannot)."""
+    return chat_template.chat_format(self.tokenizer)
+
+  @staticmethod
+  def _user_turn(prompt: str) -> list[dict]:
+    return conversations.checked([{"role": "user", "content": prompt}], "answer")
+
+  def chat(self, messages: Sequence[dict], max_new_tokens: int | None = None, *,
+           temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+           seed: int = 0) -> str:
+    """The assistant's answer to a conversation that ends with a user's turn."""
+    return "".join(self.stream_chat(messages, max_new_tokens, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, seed=seed))
+
+  def stream_chat(self, messages: Sequence[dict], max_new_tokens: int | None = None, *,
+                  temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+                  seed: int = 0) -> Iterator[str]:
+    """`chat`'s answer piece by piece as it is decoded, ending at the end of the turn."""
+    messages = conversations.checked(messages, "answer")
+    if messages[-1]["role"] != "user":
+      raise UserError("The conversation to answer must end with a user's message.")
+    ids = self.chat_prompt(messages, max_new_tokens or 1)
+    return self._stream(ids, self.chat_format.stop_id, max_new_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed)
+
+  def chat_prompt(self, messages: Sequence[dict], room: int = 1) -> list[int]:
+    """The ids the model continues to answer `messages`, refused if they leave fewer than
+    `room` tokens of the context for the answer."""
+    ids = self.chat_format.prompt(list(messages))
+    context = self.model.config.context_length
+    if len(ids) + room > context:
+      raise UserError(f"The conversation is {len(ids)} tokens, which leaves less than {room} "
+                      f"of the context of {context} for the answer; shorten it.")
+    return ids
 
   def next_token_distribution(self, prompt: str, top: int = 10) -> Distribution:
     """The `top` most likely tokens after `prompt`, and the mass of the rest."""
@@ -165,26 +217,47 @@ class Run:
     return Distribution(shown, float(probs_V[order[top:]].sum()), vocab - top)
 
   def evaluate(self, files: str | None = None, max_tokens: int = 0,
-               batch_size: int | None = None) -> dict:
-    """Loss, perplexity and bits per byte (see `llm_jax.evaluate`) with the counts behind them.
+               batch_size: int | None = None, chat: str | None = None) -> dict:
+    """Loss and perplexity (see `llm_jax.evaluate`) with the counts behind them.
 
-    Scores the run's validation split, or every document of the files matching `files`.
-    `batch_size` (default: the run's) is rounded up to divide over the mesh.
+    Scores the run's validation split, every document of the files matching `files` (and
+    their bits per byte), or the assistant tokens of the conversations in the `.jsonl` files
+    matching `chat`. `batch_size` (default: the run's) is rounded up to divide over the mesh.
     """
-    if files:
-      documents = [files_lib.open_all_files(files, self.config.data.text_key)]
-    else:
-      documents = [source.validation for source, _ in sources.open_sources(self.config.data)]
-    data_parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     batch_size = batch_size or self.config.train.batch_size
     if batch_size < 1:
       raise UserError(f"--batch_size={batch_size} must be at least 1.")
     if max_tokens < 0:
       raise UserError(f"--max_tokens={max_tokens} must be 0 (everything) or positive.")
+    data_parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    batch_size = math.ceil(batch_size / data_parallel) * data_parallel
+    if files and chat:
+      raise UserError("Give --files or --chat, not both.")
+    if chat:
+      source = conversations.open_all_chats(chat)
+      return {**self._score_conversations([source.train], batch_size),
+              "skipped": {reason: n for reason, n in source.skipped.items() if n}}
+    if files:
+      documents = [files_lib.open_files(files, 0.0, text_key=self.config.data.text_key,
+                                        split=False).train]
+    else:
+      mixture = sources.open_sources(self.config.data)
+      kinds = {source.kind for source, _ in mixture}
+      if kinds == {"chat"}:
+        return self._score_conversations([source.validation for source, _ in mixture],
+                                         batch_size)
+      if len(kinds) > 1:
+        raise UserError("This run trained on text and conversations; score each with --files "
+                        "or --chat.")
+      documents = [source.validation for source, _ in mixture]
     return evaluate_lib.score_texts(
         self.params, self.model, self.tokenizer, _each_document(documents), mesh=self.mesh,
-        batch_size=math.ceil(batch_size / data_parallel) * data_parallel,
-        max_tokens=max_tokens)
+        batch_size=batch_size, max_tokens=max_tokens)
+
+  def _score_conversations(self, collections: list[Documents], batch_size: int) -> dict:
+    return evaluate_lib.score_conversations(
+        self.params, self.model, self.chat_format, _each_document(collections),
+        mesh=self.mesh, batch_size=batch_size)
 
 
 def plot_distribution(distribution: Distribution, prompt: str, path) -> None:

@@ -1,10 +1,12 @@
-"""`llm-jax generate|predict|eval`: a trained run put to use."""
+"""`llm-jax generate|chat|predict|eval`: a trained run put to use."""
 
+import itertools
 import json
 import sys
 
 from llm_jax import paths
 from llm_jax.cli import common
+from llm_jax.errors import UserError
 
 
 def _load_run(args, overrides):
@@ -23,7 +25,7 @@ def _generate(args, overrides) -> None:
   run = _load_run(args, overrides)
   outputs = run.generate(prompts, **common.given(
       args, "max_new_tokens", "temperature", "top_k", "top_p", "beams", "length_penalty",
-      "num_samples", "seed", "batch_size"))
+      "num_samples", "seed", "batch_size", "chat"))
   texts = []
   for index, (prompt, samples) in enumerate(zip(prompts, outputs)):
     for sample, text in enumerate(samples):
@@ -31,6 +33,73 @@ def _generate(args, overrides) -> None:
       texts.append(json.dumps({"prompt_index": index, "sample": sample, "prompt": prompt,
                                "text": full}) if args.jsonl else full)
   sys.stdout.write(("\n" if args.jsonl else "\n\n").join(texts) + "\n")
+
+
+_CHAT_HELP = "/reset forgets the conversation, /system TEXT sets the system message, /exit ends"
+
+
+def _chat(args, overrides) -> None:
+  """A conversation on the terminal, or one user message per line of piped input."""
+  run = _load_run(args, overrides)
+  run.chat_format  # refuses a tokenizer without chat tokens before anything is typed
+  interactive = sys.stdin.isatty()
+  context = run.model.config.context_length
+  room = args.max_new_tokens or max(1, context // 4)  # kept free for each answer
+  options = common.given(args, "max_new_tokens", "temperature", "top_k", "top_p")
+  system = [{"role": "system", "content": args.system}] if args.system else []
+  history = []
+  if interactive:
+    print(f"Chatting with {args.workdir} ({_CHAT_HELP}).", file=sys.stderr)
+  for turn in itertools.count():
+    if interactive:
+      print("> ", end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    if not line or line.strip() == "/exit":
+      break
+    text = line.rstrip("\n")
+    if text.startswith("/"):
+      command, _, argument = text.partition(" ")
+      if command == "/reset":
+        history = []
+        _notice("(the conversation starts over)")
+      elif command == "/system":
+        system = [{"role": "system", "content": argument}] if argument.strip() else []
+        _notice(f"(system message {'set' if system else 'cleared'})")
+      else:
+        _notice(f"(unknown command {command}; {_CHAT_HELP})")
+      continue
+    if not text.strip():
+      continue
+    history.append({"role": "user", "content": text})
+    dropped = 0
+    while len(run.chat_format.prompt(system + history)) + room > context and len(history) > 1:
+      history = history[2:]  # the oldest exchange: a user turn and its answer
+      dropped += 1
+    if dropped:
+      _notice(f"(the context is full: dropped the oldest {dropped} exchange"
+              f"{'s' * (dropped > 1)})")
+    try:
+      run.chat_prompt(system + history)
+    except UserError as e:  # this message alone leaves no room for an answer
+      history.pop()
+      _notice(f"({e})")
+      continue
+    answer = []
+    for piece in run.stream_chat(system + history, seed=args.seed + turn, **options):
+      answer.append(piece)
+      sys.stdout.write(piece)
+      sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if "".join(answer).strip():
+      history.append({"role": "assistant", "content": "".join(answer)})
+    else:  # an empty turn cannot be part of a conversation; forget the question too
+      history.pop()
+      _notice("(the model ended its turn without an answer)")
+
+
+def _notice(text: str) -> None:
+  print(text, file=sys.stderr, flush=True)
 
 
 def _predict(args, overrides) -> None:
@@ -55,11 +124,18 @@ def _predict(args, overrides) -> None:
 
 def _eval(args, overrides) -> None:
   run = _load_run(args, overrides)
-  result = run.evaluate(args.files, **common.given(args, "max_tokens", "batch_size"))
+  result = run.evaluate(args.files, **common.given(args, "max_tokens", "batch_size", "chat"))
   if args.json:
     print(json.dumps(result))
     return
-  what = args.files or "the validation split"
+  what = args.chat or args.files or "the validation split"
+  if "conversations" in result:
+    skipped = ", ".join(f"{n} {reason}" for reason, n in result.get("skipped", {}).items())
+    print(f"{what}: {result['conversations']} conversations ({result['too_long']} longer than "
+          f"the context left out{'; skipped lines: ' + skipped if skipped else ''}), "
+          f"{result['tokens']:,} assistant tokens")
+    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}")
+    return
   print(f"{what}: {result['documents']} documents, {result['tokens']:,} tokens, "
         f"{result['bytes']:,} bytes")
   print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
@@ -95,7 +171,27 @@ def add_commands(commands) -> None:
   generate.add_argument("--echo", action="store_true", help="print each prompt before its text")
   generate.add_argument("--jsonl", action="store_true",
                         help="one JSON object per text: prompt_index, sample, prompt, text")
+  generate.add_argument("--chat", action="store_true", default=None,
+                        help="ask each prompt as a user's turn; print the assistant's answers")
   generate.set_defaults(handler=_generate)
+
+  chat = commands.add_parser(
+      "chat", help="talk with a fine-tuned run (multi-turn, streamed)",
+      description="A conversation with the newest checkpoint of a run trained on "
+      f"conversations. Each line typed is a user's turn; the answer streams as it is "
+      f"generated and ends at the end of its turn. {_CHAT_HELP}. When the context is full the "
+      "oldest exchanges are dropped, with a notice. With piped input, each line is one user "
+      "message and each answer one line of stdout; notices go to stderr.")
+  common.add_workdir_argument(chat)
+  chat.add_argument("--system", help="system message that opens the conversation")
+  chat.add_argument("--max_new_tokens", type=int,
+                    help="tokens per answer at most (default: the rest of the context, <= 256, "
+                    "keeping a quarter of it free)")
+  chat.add_argument("--temperature", type=float, help="0 is greedy (default)")
+  chat.add_argument("--top_k", type=int, help="sample only among the k most likely tokens")
+  chat.add_argument("--top_p", type=float, help="sample within the smallest set of mass >= p")
+  chat.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+  chat.set_defaults(handler=_chat)
 
   predict = commands.add_parser(
       "predict", help="the next-token probability distribution after a prompt",
@@ -113,9 +209,12 @@ def add_commands(commands) -> None:
       description="Score the run's validation split (or --files) with the newest checkpoint: "
       "mean next-token loss, perplexity and bits per byte, with the tokens scored.")
   common.add_workdir_argument(evaluate)
-  evaluate.add_argument("--files",
-                        help="glob of files to score instead (quote it; .jsonl: one document "
-                        "per line)")
+  scored = evaluate.add_mutually_exclusive_group()
+  scored.add_argument("--files",
+                      help="glob of files to score instead (quote it; .jsonl: one document "
+                      "per line)")
+  scored.add_argument("--chat", help="glob of .jsonl conversations whose assistant tokens to "
+                      "score instead (quote it)")
   evaluate.add_argument("--max_tokens", type=int,
                         help="stop after the document that reaches this many tokens (0: all)")
   evaluate.add_argument("--batch_size", type=int,

@@ -2,8 +2,9 @@
 
 A `BatchSource` holds an iterator over this process's rows of each global training batch
 (dicts of numpy arrays) whose position is saved in every checkpoint (`get_state` /
-`set_state`), this process's rows of a fixed set of evaluation batches, and the tokenizer
-the run saves with its checkpoints. The loop never looks inside a batch.
+`set_state`), this process's rows of a fixed set of evaluation batches, the tokenizer the run
+saves with its checkpoints, and the chat format when the data holds conversations. The loop
+never looks inside a batch.
 """
 
 import dataclasses
@@ -12,9 +13,12 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from llm_jax.data import pipeline, sources, tokenizer as tokenizer_lib
+from llm_jax.data import chat_template, pipeline, sources, tokenizer as tokenizer_lib
+from llm_jax.data.chat_template import ChatFormat
+from llm_jax.data.documents import Documents, Source, Subset
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.distributed import log
+from llm_jax.errors import UserError
 
 
 @dataclasses.dataclass
@@ -22,10 +26,12 @@ class BatchSource:
   train: Iterator[dict[str, np.ndarray]]  # with get_state() and set_state(state)
   evaluation: list[dict[str, np.ndarray]]
   tokenizer: Tokenizer
+  chat_format: ChatFormat | None = None  # how the data's conversations are encoded, if any
 
 
 def text_batches(config, workdir, inherited_tokenizer: bytes | None = None) -> BatchSource:
-  """Packed documents of the configured text sources (`llm_jax.data.pipeline`).
+  """Packed documents and conversations of the configured sources (`llm_jax.data.pipeline`):
+  next-token targets on every token of a text, on the assistant's turns of a conversation.
 
   The tokenizer is the run's (`tokenizer.for_run`; `inherited_tokenizer` is that of the run
   `train.init_from` starts from).
@@ -36,13 +42,56 @@ def text_batches(config, workdir, inherited_tokenizer: bytes | None = None) -> B
     log(source.summary() + (f"; {weight:.0%} of training tokens" if len(mixture) > 1 else ""))
   workdir.mkdir(parents=True, exist_ok=True)
   tokenizer = tokenizer_lib.for_run(config, mixture, workdir, inherited_tokenizer)
+  chat_format, train_mixture, packers = training_mixture(config, mixture, tokenizer)
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train = iter(pipeline.training_dataset(
-      [(source.train, weight) for source, weight in mixture], tokenizer, m.context_length,
-      t.batch_size, seed=t.seed, **process))
+  train = iter(pipeline.training_dataset(train_mixture, tokenizer, m.context_length,
+                                         t.batch_size, seed=t.seed, packers=packers, **process))
   evaluation = pipeline.evaluation_batches(
       [(source.validation, weight) for source, weight in mixture], tokenizer, m.context_length,
-      t.batch_size, t.eval_tokens, **process)
+      t.batch_size, t.eval_tokens, packers=packers, **process)
   scored = int(sum(float(b["weights"].sum()) for b in evaluation))
   log(f"Evaluation: {len(evaluation)} batches, {scored} scored validation tokens")
-  return BatchSource(train, evaluation, tokenizer)
+  return BatchSource(train, evaluation, tokenizer, chat_format)
+
+
+def training_mixture(config, mixture: list[tuple[Source, float]], tokenizer: Tokenizer
+                     ) -> tuple[ChatFormat | None, list[tuple[Documents, float]],
+                                list[pipeline.Packer | None]]:
+  """The chat format (None without conversations), each source's training documents with
+  its weight, and its packer (None: text). A conversation source keeps those conversations
+  the context has room for, found by one pass that logs what the context leaves of it."""
+  train_mixture = [(source.train, weight) for source, weight in mixture]
+  if not any(source.kind == "chat" for source, _ in mixture):
+    return None, train_mixture, [None] * len(mixture)
+  chat_format = chat_template.chat_format(tokenizer)
+  context, truncate = config.model.context_length, config.data.chat_truncate
+  packers = []
+  for j, (source, weight) in enumerate(mixture):
+    if source.kind != "chat":
+      packers.append(None)
+      continue
+    counts, used = pipeline.chat_statistics(source.train, chat_format, context, truncate)
+    _log_chat_statistics(source, counts, context, truncate)
+    train_mixture[j] = (Subset(source.train, used), weight)
+    packers.append(pipeline.chat_packer(chat_format, context, truncate))
+  return chat_format, train_mixture, packers
+
+
+def _log_chat_statistics(source: Source, counts: dict, context: int, truncate: bool) -> None:
+  if not counts["target_tokens"]:
+    raise UserError(
+        f"No training conversation of {source.spec} fits the context of {context + 1} tokens "
+        f"with an assistant turn ({counts['dropped']} too long), so there is nothing to train "
+        "on; raise model.context_length" + ("" if truncate else " or set "
+                                            "--config.data.chat_truncate=true") + ".")
+  if truncate:
+    long = (f"{counts['truncated']} truncated after their last assistant turn that fits, "
+            f"{counts['dropped']} dropped (not even their first answer fits)")
+  else:
+    long = f"{counts['dropped']} dropped as longer than the context" + (
+        " (data.chat_truncate=true cuts them at a turn boundary instead)"
+        if counts["dropped"] else "")
+  filled = counts["tokens"] / (counts["rows"] * (context + 1))
+  log(f"{source.spec}: {counts['used']} training conversations used, {long}; "
+      f"{counts['tokens']} tokens of which {counts['target_tokens']} are assistant targets; "
+      f"an epoch packs into {counts['rows']} rows, {filled:.1%} of their tokens non-padding")

@@ -2,7 +2,7 @@
 
 import time
 
-from llm_jax.data import pipeline, sources, tokenizer as tokenizer_lib
+from llm_jax.data import batches as batches_lib, pipeline, sources, tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
 
 
@@ -21,10 +21,10 @@ def measure(config, batches: int = 200) -> dict:
   start = time.perf_counter()
   tokenizer = tokenizer_lib.for_run(config, mixture)
   tokenizer_sec = time.perf_counter() - start
+  _, train_mixture, packers = batches_lib.training_mixture(config, mixture, tokenizer)
 
-  iterator = iter(pipeline.training_dataset(
-      [(source.train, weight) for source, weight in mixture], tokenizer, m.context_length,
-      t.batch_size, seed=t.seed))
+  iterator = iter(pipeline.training_dataset(train_mixture, tokenizer, m.context_length,
+                                            t.batch_size, seed=t.seed, packers=packers))
   start = time.perf_counter()
   next(iterator)
   first_batch_sec = time.perf_counter() - start

@@ -1,4 +1,5 @@
-"""What a text source is: random-access documents, split into train and validation."""
+"""What a source is: random-access documents (texts or conversations), split into train and
+validation."""
 
 import dataclasses
 from typing import Protocol
@@ -9,7 +10,7 @@ class Documents(Protocol):
 
   def __len__(self) -> int: ...
 
-  def __getitem__(self, index: int) -> str: ...
+  def __getitem__(self, index: int): ...  # a str, or a conversation (list of messages)
 
 
 @dataclasses.dataclass
@@ -19,6 +20,7 @@ class Source:
   validation: Documents
   description: str
   skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> count
+  kind: str = "text"  # what a document is: "text" (a string) or "chat" (a list of messages)
 
   def summary(self) -> str:
     skipped = ", ".join(f"{n} {reason}" for reason, n in self.skipped.items() if n) or "none"
@@ -37,9 +39,22 @@ class HeldOut:
   def __len__(self) -> int:
     return self._length
 
-  def __getitem__(self, index: int) -> str:
+  def __getitem__(self, index: int):
     if not 0 <= index < self._length:
       raise IndexError(index)
     if self._held:
       return self._documents[index * self._every]
     return self._documents[index + index // (self._every - 1) + 1]
+
+
+class Subset:
+  """The documents of `documents` at `indices`, in that order."""
+
+  def __init__(self, documents: Documents, indices):
+    self._documents, self._indices = documents, indices
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int):
+    return self._documents[int(self._indices[index])]

@@ -1,14 +1,16 @@
-"""Local text files as a source: `builtin` (the Python standard library) and `files:<glob>`.
+"""Local files as a source: `builtin` (the Python standard library) and `files:<glob>` of
+text, and the indexing that `chat:<glob>` (`llm_jax.data.conversations`) shares.
 
 Files are indexed once (byte ranges of usable documents) and a document is read only when the
 pipeline asks for it, so a corpus may be far larger than memory. `.jsonl` files hold one
-document per line under `data.text_key`; any other file is one UTF-8 document. Documents
-that cannot be used are skipped and counted by reason. The train/validation split is by a
+document per line (for text, under `data.text_key`); any other file is one UTF-8 document.
+Documents that cannot be used are skipped and counted by reason. The train/validation split is by a
 hash of each document's path (and line), so it does not depend on file order, machine or
 process count; exact duplicates are kept once, since a copy on each side of the split would
 leak validation text into training.
 """
 
+import functools
 import glob
 import hashlib
 import json
@@ -18,7 +20,7 @@ import zlib
 
 import numpy as np
 
-from llm_jax.data.documents import Documents, Source
+from llm_jax.data.documents import Source
 from llm_jax.errors import UserError
 
 _HASH_BUCKETS = 10_000
@@ -26,13 +28,28 @@ SKIP_REASONS = ("unreadable", "binary", "undecodable", "empty", "duplicate", "no
                 "missing text key")
 
 
+class SkipDocument(Exception):
+  """Raised by a record reader for a JSON line that is not a usable document."""
+
+  def __init__(self, reason: str):
+    super().__init__(reason)
+    self.reason = reason
+
+
+def text_of(text_key: str, record) -> str:
+  """The document of a text `.jsonl` line: the string under `text_key`."""
+  if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+    raise SkipDocument("missing text key")
+  return record[text_key]
+
+
 class FileDocuments:
   """Documents stored as byte ranges of local files, decoded when read."""
 
-  def __init__(self, paths: list[pathlib.Path], refs: np.ndarray, text_key: str):
+  def __init__(self, paths: list[pathlib.Path], refs: np.ndarray, read_record):
     self._paths = paths
     self._refs = refs  # rows of (path index, byte offset, byte length, is JSON line)
-    self._text_key = text_key
+    self._read_record = read_record  # a JSON line's record -> its document
 
   def __len__(self) -> int:
     return len(self._refs)
@@ -42,7 +59,8 @@ class FileDocuments:
     with open(self._paths[path_index], "rb") as f:
       f.seek(offset)
       text = f.read(length).decode("utf-8")
-    return json.loads(text)[self._text_key] if is_json else text
+    return self._read_record(json.loads(text)) if is_json else text
+
 
 def _in_validation(key: str, val_fraction: float) -> bool:
   return zlib.crc32(key.encode()) % _HASH_BUCKETS < val_fraction * _HASH_BUCKETS
@@ -51,8 +69,9 @@ def _in_validation(key: str, val_fraction: float) -> bool:
 class _FileIndexer:
   """Scans files once, keeping byte ranges of usable documents and counting the rest."""
 
-  def __init__(self, root: pathlib.Path, text_key: str, val_fraction: float):
-    self.root, self.text_key, self.val_fraction = root, text_key, val_fraction
+  def __init__(self, root: pathlib.Path, val_fraction: float, read_record, json_only: bool):
+    self.root, self.val_fraction = root, val_fraction
+    self.read_record, self.json_only = read_record, json_only
     self.paths: list[pathlib.Path] = []
     self.refs = {"train": [], "validation": []}
     self.skipped = dict.fromkeys(SKIP_REASONS, 0)
@@ -63,6 +82,9 @@ class _FileIndexer:
       raw = path.read_bytes()
     except OSError:
       self.skipped["unreadable"] += 1
+      return
+    if self.json_only and path.suffix != ".jsonl":
+      self._skip("not JSON Lines")
       return
     self.paths.append(path)
     key = path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) \
@@ -97,12 +119,18 @@ class _FileIndexer:
     except json.JSONDecodeError:
       self.skipped["not JSON"] += 1
       return
-    if not isinstance(record, dict) or not isinstance(record.get(self.text_key), str):
-      self.skipped["missing text key"] += 1
+    try:
+      document = self.read_record(record)
+    except SkipDocument as e:
+      self._skip(e.reason)
       return
-    self._keep(record[self.text_key], line, offset, key, is_json=True)
+    self._keep(document, line, offset, key, is_json=True)
 
-  def _keep(self, text: str, raw: bytes, offset: int, key: str, is_json: bool) -> None:
+  def _skip(self, reason: str) -> None:
+    self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+  def _keep(self, document, raw: bytes, offset: int, key: str, is_json: bool) -> None:
+    text = document if isinstance(document, str) else json.dumps(document, sort_keys=True)
     if not text.strip():
       self.skipped["empty"] += 1
       return
@@ -116,7 +144,7 @@ class _FileIndexer:
 
   def documents(self, split: str) -> FileDocuments:
     refs = np.asarray(self.refs[split], dtype=np.int64).reshape(-1, 4)
-    return FileDocuments(self.paths, refs, self.text_key)
+    return FileDocuments(self.paths, refs, self.read_record)
 
 
 def _builtin_files() -> tuple[pathlib.Path, list[pathlib.Path]]:
@@ -132,49 +160,54 @@ def _glob_files(pattern: str) -> tuple[pathlib.Path, list[pathlib.Path]]:
   return root, files
 
 
-def open_files(spec: str, text_key: str, val_fraction: float) -> Source:
-  """The `builtin` or `files:<glob>` source, indexed."""
+def open_files(spec: str, val_fraction: float, *, text_key: str = "text", read_record=None,
+               kind: str = "text", hint: str = "", split: bool = True) -> Source:
+  """`builtin`, or the files matching a glob (`files:` prefix optional), indexed.
+
+  `read_record` turns a `.jsonl` line's record into a document (default: the text under
+  `text_key`; a source of other documents, such as conversations, reads only `.jsonl`).
+  With `split=False` every document is in `.train` (to evaluate on), else documents are
+  split by hash and both splits are made non-empty. `hint` says what usable input looks
+  like when none is found.
+  """
   if spec == "builtin":
-    root, files = _builtin_files()
+    root, paths = _builtin_files()
     description = f"builtin corpus (Python stdlib at {root})"
   else:
     pattern = spec.removeprefix("files:")
-    root, files = _glob_files(pattern)
-    description = f"files matching {pattern!r}"
-    if not files:
-      raise UserError(f"data.source={spec!r} matches no files; check the glob "
-                      "(use ** with quotes for subdirectories).")
-  indexer = _FileIndexer(root, text_key, val_fraction)
-  for path in sorted(files):
+    root, paths = _glob_files(pattern)
+    description = f"{'files' if kind == 'text' else kind + ' files'} matching {pattern!r}"
+    if not paths:
+      raise UserError(f"{pattern!r} matches no files; check the glob (use ** with quotes for "
+                      "subdirectories).")
+  indexer = _FileIndexer(root, val_fraction if split else 0.0,  # nothing hashes below 0
+                         read_record or functools.partial(text_of, text_key),
+                         json_only=read_record is not None)
+  for path in sorted(paths):
     indexer.add_file(path)
   source = Source(spec, indexer.documents("train"), indexer.documents("validation"),
-                  description, indexer.skipped)
-  return _ensure_both_splits(source, indexer)
+                  description, indexer.skipped, kind)
+  if not hint:
+    hint = (f"give JSON objects with a string under data.text_key={text_key!r}"
+            if any(p.suffix == ".jsonl" for p in indexer.paths) else "point it at UTF-8 text")
+  return _ensure_both_splits(source, indexer, hint) if split else _ensure_any(source, hint)
 
 
-def open_all_files(pattern: str, text_key: str) -> Documents:
-  """Every usable document of the files matching `pattern`, unsplit (e.g. to evaluate on)."""
-  root, files = _glob_files(pattern)
-  if not files:
-    raise UserError(f"{pattern!r} matches no files; check the glob (use ** with quotes for "
-                    "subdirectories).")
-  indexer = _FileIndexer(root, text_key, val_fraction=0.0)  # nothing hashes below 0
-  for path in sorted(files):
-    indexer.add_file(path)
-  documents = indexer.documents("train")
-  if not len(documents):
-    skipped = ", ".join(f"{n} {reason}" for reason, n in indexer.skipped.items() if n)
-    raise UserError(f"No usable text in the files matching {pattern!r} (skipped: {skipped}); "
-                    "point it at UTF-8 text.")
-  return documents
+_USABLE = {"text": "text", "chat": "conversation"}
 
 
-def _ensure_both_splits(source: Source, indexer: _FileIndexer) -> Source:
+def _ensure_any(source: Source, hint: str) -> Source:
+  if not len(source.train):
+    raise UserError(f"No usable {_USABLE[source.kind]} in {source.description} "
+                    f"({source.summary()}); {hint}.")
+  return source
+
+
+def _ensure_both_splits(source: Source, indexer: _FileIndexer, hint: str) -> Source:
   total = len(source.train) + len(source.validation)
   if total == 0:
-    hint = (f"give JSON objects with a string under data.text_key={indexer.text_key!r}"
-            if any(p.suffix == ".jsonl" for p in indexer.paths) else "point it at UTF-8 text")
-    raise UserError(f"No usable text in {source.description} ({source.summary()}); {hint}.")
+    raise UserError(f"No usable {_USABLE[source.kind]} in {source.description} "
+                    f"({source.summary()}); {hint}.")
   if total < 2:
     raise UserError(f"{source.description} has a single usable document; a train and a "
                     "validation split need at least two, so add documents.")

@@ -102,6 +102,9 @@ class HFTokenizer:
   def id_to_piece(self, token_id: int) -> str:
     return self._tokenizer.id_to_token(int(token_id))
 
+  def piece_id(self, piece: str) -> int | None:
+    return self._tokenizer.token_to_id(piece)
+
   def to_bytes(self) -> bytes:
     return json.dumps({TOKENIZER_JSON: self.tokenizer_json, TOKENIZER_CONFIG: self.config},
                       ensure_ascii=False).encode("utf-8")

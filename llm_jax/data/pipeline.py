@@ -7,6 +7,13 @@ the room left continues in the next row, so no token is dropped. Grain writes pe
 A row gives `context_length` input/target pairs; a target in another segment than its input
 gets weight 0, so the loss never asks one document to predict the next.
 
+Conversations (`chat:` sources) are never split: each is encoded by the chat template with
+its target mask (`llm_jax.data.chat_template`), and whole conversations are packed into rows
+by best fit (`grain.experimental.BestFitPackIterDataset`) with their own segment ids and
+positions, so none attends to another and only assistant tokens are targets. One longer
+than a row is dropped, or with `data.chat_truncate` cut after its last assistant turn that
+fits. Rows of every source carry a `target_mask` (all ones for text), so they mix.
+
 Streams. The global batch of B rows is filled by S independent streams (S is the largest
 divisor of B no larger than the smallest source's training split), each B/S consecutive
 rows. Stream s reads documents s, s+S, s+2S, ... of every source, shuffles them with its own
@@ -20,14 +27,17 @@ iterator's state (a JSON-able dict) is saved in checkpoints, so a resumed run co
 the next batch.
 """
 
+import functools
+import itertools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import grain.experimental
 import numpy as np
 
+from llm_jax.data.chat_template import ChatFormat
 from llm_jax.data.documents import Documents
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import UserError
@@ -42,6 +52,10 @@ def _tokenize(tokenizer: Tokenizer):
   def fn(text: str) -> dict[str, np.ndarray]:
     return {"tokens": tokenize_document(tokenizer, text)}
   return fn
+
+
+def _with_target_mask(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {**row, "target_mask": np.ones_like(row["tokens"])}
 
 
 def document_rows(ids: np.ndarray, row_length: int) -> list[np.ndarray]:
@@ -59,6 +73,8 @@ def to_model_inputs(row_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   segments = row_batch["tokens_segment_ids"]
   inputs_segments = segments[:, :-1]
   weights = (segments[:, 1:] == inputs_segments) & (inputs_segments != 0)
+  if "target_mask" in row_batch:
+    weights &= row_batch["target_mask"][:, 1:] != 0
   return {
       "inputs": tokens[:, :-1],
       "targets": tokens[:, 1:],
@@ -84,7 +100,81 @@ def packed_rows(documents: Documents | grain.MapDataset, tokenizer: Tokenizer,
   # (see `llm-jax data bench`) and already overlaps the device through async dispatch.
   ds = ds.map(_tokenize(tokenizer)).to_iter_dataset(grain.ReadOptions(num_threads=0))
   return grain.experimental.ConcatThenSplitIterDataset(
-      ds, length_struct={"tokens": context_length + 1})
+      ds, length_struct={"tokens": context_length + 1}).map(_with_target_mask)
+
+
+# Rows filled at once by best-fit packing: more bins waste less of a row (measured on the SFT
+# demonstration's conversations in experiments/sft/README.md), but a group of bins must not
+# hold more than half an epoch of a stream's conversations, or one repeats within it.
+MAX_PACKING_BINS = 256
+
+
+def _packing_bins(num_conversations: int) -> int:
+  return max(1, min(MAX_PACKING_BINS, num_conversations // 2))
+
+
+def _encode_chat(chat_format: ChatFormat, row_length: int, truncate: bool):
+  def fn(messages: list[dict]) -> dict[str, np.ndarray] | None:
+    encoded = chat_format.encode(messages, row_length, truncate)
+    return None if encoded is None else {"tokens": encoded[0], "target_mask": encoded[1]}
+  return fn
+
+
+def packed_chat_rows(conversations: Documents | grain.MapDataset, chat_format: ChatFormat,
+                     context_length: int, *, seed: int | None, repeat: bool,
+                     truncate: bool) -> grain.IterDataset:
+  """Rows of `context_length + 1` tokens of whole conversations packed by best fit;
+  `seed=None` keeps their order. A conversation that does not fit a row is left out; with
+  `repeat`, at least one must fit (`chat_statistics` finds those that do), or no row ever
+  comes."""
+  ds = (conversations if isinstance(conversations, grain.MapDataset)
+        else grain.MapDataset.source(conversations))
+  bins = _packing_bins(len(ds))
+  if seed is not None:
+    ds = ds.shuffle(seed=seed)
+  if repeat:
+    ds = ds.repeat()
+  row_length = context_length + 1
+  ds = ds.map(_encode_chat(chat_format, row_length, truncate)).filter(lambda x: x is not None)
+  lengths = {"tokens": row_length, "target_mask": row_length}
+  return grain.experimental.BestFitPackIterDataset(
+      ds.to_iter_dataset(grain.ReadOptions(num_threads=0)), length_struct=lengths,
+      num_packing_bins=bins, seed=seed or 0, shuffle_bins=seed is not None).map(_as_text_row)
+
+
+def _as_text_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A packed chat row with the arrays of a packed text row, so that the two mix."""
+  return {key: row[key] for key in ("tokens", "tokens_segment_ids", "tokens_positions",
+                                    "target_mask")}
+
+
+def chat_statistics(conversations: Documents, chat_format: ChatFormat, context_length: int,
+                    truncate: bool) -> tuple[dict[str, int], np.ndarray]:
+  """One pass over `conversations`: the counts of those used whole, truncated or dropped for
+  their length, their tokens and target tokens, and the rows they pack into in their order
+  (as one stream; training's streams each pack a share, in fewer bins when it is small); and
+  the indices of those used."""
+  row_length = context_length + 1
+  counts = dict(used=0, truncated=0, dropped=0, tokens=0, target_tokens=0)
+  lengths, used = [], []
+  for index in range(len(conversations)):
+    encoded = chat_format.encode(conversations[index])
+    if len(encoded[0]) > row_length:
+      encoded = chat_format.encode(conversations[index], row_length, truncate)
+      counts["dropped" if encoded is None else "truncated"] += 1
+      if encoded is None:
+        continue
+    counts["used"] += 1
+    counts["tokens"] += len(encoded[0])
+    counts["target_tokens"] += int(encoded[1].sum())
+    lengths.append(len(encoded[0]))
+    used.append(index)
+  # Best fit on the lengths alone packs exactly as on the tokens, without keeping them.
+  sized = grain.MapDataset.source(lengths).map(lambda n: {"tokens": np.zeros(n, np.int32)})
+  counts["rows"] = sum(1 for _ in grain.experimental.BestFitPackIterDataset(
+      sized.to_iter_dataset(), length_struct={"tokens": row_length},
+      num_packing_bins=_packing_bins(len(lengths)), shuffle_bins=False))
+  return counts, np.asarray(used, np.int64)
 
 
 def num_streams(batch_size: int, train_sizes: Sequence[int]) -> int:
@@ -97,12 +187,27 @@ def _stream_seed(seed: int, stream: int, source: int) -> int:
   return int(np.random.SeedSequence([seed, stream, source]).generate_state(1)[0])
 
 
+Packer = Callable[..., grain.IterDataset]  # (documents, *, seed, repeat) -> packed rows
+
+
+def chat_packer(chat_format: ChatFormat, context_length: int, truncate: bool) -> Packer:
+  return functools.partial(packed_chat_rows, chat_format=chat_format,
+                           context_length=context_length, truncate=truncate)
+
+
+def _packers(packers, mixture, tokenizer: Tokenizer, context_length: int) -> list[Packer]:
+  text = functools.partial(packed_rows, tokenizer=tokenizer, context_length=context_length)
+  return [pack or text for pack in (packers or [None] * len(mixture))]
+
+
 def training_dataset(mixture: Sequence[tuple[Documents, float]], tokenizer: Tokenizer,
                      context_length: int, batch_size: int, *, seed: int,
-                     process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                     process_index: int = 0, process_count: int = 1,
+                     packers: Sequence[Packer | None] | None = None) -> grain.IterDataset:
   """Endless batches of this process's `batch_size // process_count` rows as model inputs.
 
-  `mixture` pairs each source's training documents with its share of tokens.
+  `mixture` pairs each source's training documents with its share of tokens; `packers`
+  gives a source's packer where its documents are not text (`chat_packer`).
   """
   streams = num_streams(batch_size, [len(docs) for docs, _ in mixture])
   if streams % process_count:
@@ -113,24 +218,18 @@ def training_dataset(mixture: Sequence[tuple[Documents, float]], tokenizer: Toke
   rows_per_stream = batch_size // streams
   local = streams // process_count
   weights = [weight for _, weight in mixture]
+  packers = _packers(packers, mixture, tokenizer, context_length)
   stream_datasets = {}
   for stream in range(process_index * local, (process_index + 1) * local):
-    parts = [packed_rows(grain.MapDataset.source(docs)[stream::streams], tokenizer,
-                         context_length, seed=_stream_seed(seed, stream, j), repeat=True)
-             for j, (docs, _) in enumerate(mixture)]
+    parts = [pack(grain.MapDataset.source(docs)[stream::streams],
+                  seed=_stream_seed(seed, stream, j), repeat=True)
+             for j, ((docs, _), pack) in enumerate(zip(mixture, packers))]
     rows = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, weights)
     stream_datasets[stream] = rows.batch(rows_per_stream)
   layout = {"streams": streams, "rows_per_stream": rows_per_stream, "seed": seed,
             "context_length": context_length, "weights": weights,
             "documents": [len(docs) for docs, _ in mixture]}
   return StreamBatches(stream_datasets, layout)
-
-
-def _stack_padded(rows: Sequence[np.ndarray], length: int, num_rows: int) -> np.ndarray:
-  stacked = np.zeros((num_rows, length), dtype=np.int32)
-  for i, row in enumerate(rows):
-    stacked[i, :len(row)] = row
-  return stacked
 
 
 def _evaluation_rows(documents: Documents, tokenizer: Tokenizer, row_length: int,
@@ -145,48 +244,59 @@ def _evaluation_rows(documents: Documents, tokenizer: Tokenizer, row_length: int
   per_document = [document_rows(tokenize_document(tokenizer, documents[index]), row_length)[:cap]
                   for index in range(min(len(documents), num_rows))]
   order = [rows[i] for i in range(cap) for rows in per_document if i < len(rows)]
-  return [order[i % len(order)] for i in range(num_rows)]
+  return [text_row(order[i % len(order)]) for i in range(num_rows)]
 
 
 def evaluation_batches(mixture: Sequence[tuple[Documents, float]], tokenizer: Tokenizer,
                        context_length: int, batch_size: int, num_tokens: int,
-                       process_index: int = 0, process_count: int = 1
+                       process_index: int = 0, process_count: int = 1,
+                       packers: Sequence[Packer | None] | None = None
                        ) -> list[dict[str, np.ndarray]]:
   """This process's share of a fixed evaluation set of about `num_tokens` input positions.
 
   The set has `ceil(num_tokens / context_length)` rows, split between sources by weight and
-  padded with empty (weight 0) rows to whole batches. It depends on neither the seed, the
-  batch size nor the process count.
+  padded with empty (weight 0) rows to whole batches. A text source's rows are pieces of its
+  documents; a source with a packer (conversations) gives its first packed rows, fewer if it
+  has fewer. The set depends on neither the seed, the batch size nor the process count.
   """
   num_rows = math.ceil(num_tokens / context_length)
   row_length = context_length + 1
   rows = []
-  for j, (docs, weight) in enumerate(mixture):
+  for j, ((docs, weight), pack) in enumerate(zip(mixture, packers or [None] * len(mixture))):
     share = (num_rows - len(rows) if j == len(mixture) - 1
              else round(num_rows * weight))
-    if share > 0:
+    if share > 0 and pack is None:
       rows += _evaluation_rows(docs, tokenizer, row_length, share)
+    elif share > 0:
+      rows += list(itertools.islice(pack(docs, seed=None, repeat=False), share))
   return scoring_batches(rows, row_length, batch_size, process_index, process_count)
 
 
-def scoring_batches(rows: Sequence[np.ndarray], row_length: int, batch_size: int,
+def text_row(ids: np.ndarray) -> dict[str, np.ndarray]:
+  """One piece of a document as a packed row of a single segment, every token a target."""
+  return {"tokens": ids, "tokens_segment_ids": np.ones_like(ids),
+          "tokens_positions": np.arange(len(ids), dtype=np.int32),
+          "target_mask": np.ones_like(ids)}
+
+
+def scoring_batches(rows: Sequence[dict[str, np.ndarray]], row_length: int, batch_size: int,
                     process_index: int = 0, process_count: int = 1
                     ) -> list[dict[str, np.ndarray]]:
-  """This process's share of `rows` (one document piece each) as model-input batches.
+  """This process's share of packed `rows` (`text_row`s, or a packer's) as model-input batches.
 
   Rows are right-padded to `row_length`, and the last batch is padded with empty rows; a
-  padded position has weight 0, so it never counts in a loss.
+  padded position has segment 0 and weight 0, so it never counts in a loss.
   """
   local = batch_size // process_count
   batches = []
   for b in range(math.ceil(len(rows) / batch_size)):
     mine = rows[b * batch_size + process_index * local:][:local]
-    tokens = _stack_padded(mine, row_length, local)
-    filled = _stack_padded([np.ones(len(r), np.int32) for r in mine], row_length, local)
-    positions = _stack_padded([np.arange(len(r), dtype=np.int32) for r in mine], row_length,
-                              local)
-    batches.append(to_model_inputs({"tokens": tokens, "tokens_segment_ids": filled,
-                                    "tokens_positions": positions}))
+    stacked = {}
+    for key in ("tokens", "tokens_segment_ids", "tokens_positions", "target_mask"):
+      stacked[key] = np.zeros((local, row_length), np.int32)
+      for i, row in enumerate(mine):
+        stacked[key][i, :len(row[key])] = row[key]
+    batches.append(to_model_inputs(stacked))
   return batches
 
 

@@ -6,14 +6,16 @@
   on every machine, no download;
 - `files:<glob>`: local files (`llm_jax.data.files`);
 - `tfds:<name>[/<config>][:<split>]`: a TFDS dataset prepared as ArrayRecord under
-  `data.tfds_data_dir` (`llm_jax.data.tfds_source`).
+  `data.tfds_data_dir` (`llm_jax.data.tfds_source`);
+- `chat:<glob>`: conversations in `.jsonl` files (`llm_jax.data.conversations`), trained on
+  through the chat template with targets on the assistant's turns only.
 
 Each opens as a `Source`: random-access train and validation documents, read lazily.
 """
 
 import random
 
-from llm_jax.data import files
+from llm_jax.data import conversations, files
 from llm_jax.data.documents import Source
 from llm_jax.errors import UserError
 
@@ -37,13 +39,15 @@ def parse_mixture(mixture: str) -> list[tuple[str, float]]:
 
 def open_source(spec: str, data_config) -> Source:
   if spec == "builtin" or spec.startswith("files:"):
-    return files.open_files(spec, data_config.text_key, data_config.val_fraction)
+    return files.open_files(spec, data_config.val_fraction, text_key=data_config.text_key)
+  if spec.startswith("chat:"):
+    return conversations.open_chat(spec, data_config.val_fraction)
   if spec.startswith("tfds:"):
     from llm_jax.data import tfds_source  # TFDS is imported only when it is used
     return tfds_source.open_tfds(spec, data_config.tfds_data_dir, data_config.text_key,
                                  data_config.val_fraction)
   raise UserError(f"data.source={spec!r} is not a known source; use 'builtin', "
-                  "'files:<glob>' or 'tfds:<name>[/<config>][:<split>]'.")
+                  "'files:<glob>', 'tfds:<name>[/<config>][:<split>]' or 'chat:<glob>'.")
 
 
 def open_sources(data_config) -> list[tuple[Source, float]]:
@@ -66,6 +70,7 @@ def text_sample(mixture: list[tuple[Source, float]], budget_bytes: int, seed: in
     for index in rng.sample(range(len(source.train)), min(len(source.train), 1_000_000)):
       if used >= budget:
         break
-      text = source.train[index]
+      document = source.train[index]
+      text = document if isinstance(document, str) else conversations.contents(document)
       used += len(text)
       yield text

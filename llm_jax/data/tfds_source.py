@@ -108,7 +108,7 @@ def prepare(pattern: str, name: str, data_dir: str, text_key: str,
   if target.exists():
     raise UserError(f"{target} already exists; pick another --name or --data_dir (nothing "
                     "was changed).")
-  corpus = files.open_files(f"files:{pattern}", text_key, val_fraction)
+  corpus = files.open_files(f"files:{pattern}", val_fraction, text_key=text_key)
 
   class _LocalText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version(_PREPARED_VERSION)

@@ -17,12 +17,12 @@ import sentencepiece as spm
 from jax.experimental import multihost_utils
 
 from llm_jax.data import hf_tokenizer, sources
+from llm_jax.data.chat_template import CHAT_TOKENS, OWN_FORMAT_JINJA
 from llm_jax.data.documents import Source
 from llm_jax.distributed import is_primary, log
 from llm_jax.errors import UserError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-CHAT_TOKENS = ("<|im_start|>", "<|im_sep|>", "<|im_end|>")
 MIN_VOCAB_SIZE = 384  # what a trained tokenizer needs; given and imported ones may be smaller
 # SentencePiece reads "sentences"; a few lines of text per sentence keeps newlines inside
 # pieces (so '):\n' and indentation runs can become tokens) while staying under its limit.
@@ -47,6 +47,9 @@ class Tokenizer(Protocol):
   def decode(self, ids) -> str: ...
 
   def id_to_piece(self, token_id: int) -> str: ...
+
+  def piece_id(self, piece: str) -> int | None:
+    """The id of the single token `piece`, or None if the vocabulary has no such token."""
 
   def to_bytes(self) -> bytes:
     """What a checkpoint stores; `tokenizer_from_bytes` reads it back."""
@@ -78,6 +81,10 @@ class SentencePieceTokenizer:
   def id_to_piece(self, token_id: int) -> str:
     return self._sp.id_to_piece(int(token_id))
 
+  def piece_id(self, piece: str) -> int | None:
+    token_id = self._sp.piece_to_id(piece)  # unk's id for an unknown piece
+    return token_id if self._sp.id_to_piece(token_id) == piece else None
+
   def to_bytes(self) -> bytes:
     return self.model_proto  # as every checkpoint has stored it
 
@@ -99,6 +106,8 @@ class SentencePieceTokenizer:
               **{key: sp.id_to_piece(token_id) for key, token_id in (
                   ("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
                   ("pad_token", sp.pad_id()), ("unk_token", sp.unk_id())) if token_id >= 0}}
+    if all(self.piece_id(token) is not None for token in CHAT_TOKENS):
+      config["chat_template"] = OWN_FORMAT_JINJA  # our chat format, for apply_chat_template
     hf_tokenizer.HFTokenizer(hf_tokenizer.sentencepiece_json(self.model_proto, "This tokenizer"),
                              config, "this tokenizer").export_hf(out_dir)
 

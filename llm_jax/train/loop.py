@@ -297,19 +297,25 @@ def _train(config, workdir, requests, objective, batch_source, frozen) -> dict:
     log(f"Final validation loss {summary['val_loss']:.4f}, perplexity "
         f"{summary['val_perplexity']:.2f} (ln vocab = {math.log(m.vocab_size):.2f})")
     if t.sample_tokens:  # every process: the parameters span all of them
-      summary["sample"] = _sample(t, built.model, state.params, batches.tokenizer)
+      summary["sample"] = _sample(t, built.model, state.params, batches)
       if is_primary():
         print(f"--- sample (temperature {t.sample_temperature}) ---\n{summary['sample']}\n---",
               flush=True)
   return summary
 
 
-def _sample(t, model, params, tokenizer) -> str:
-  """`train.sample_prompt` continued by the trained model, to eyeball the run's result."""
-  prompt_ids = [tokenizer.bos_id, *tokenizer.encode(t.sample_prompt)]
+def _sample(t, model, params, batches) -> str:
+  """`train.sample_prompt` continued by the trained model (answered, when the run trains on
+  conversations), to eyeball the run's result."""
+  tokenizer, chat = batches.tokenizer, batches.chat_format
+  if chat:
+    prompt_ids = chat.prompt([{"role": "user", "content": t.sample_prompt}])
+  else:
+    prompt_ids = [tokenizer.bos_id, *tokenizer.encode(t.sample_prompt)]
   room = min(t.sample_tokens, model.config.context_length - len(prompt_ids))
   new_ids = generate.generate(
-      params, model, [prompt_ids], room, eos_id=tokenizer.eos_id,
+      params, model, [prompt_ids], room, eos_id=chat.stop_id if chat else tokenizer.eos_id,
       temperature=t.sample_temperature, seed=t.seed,
       num_tokens=tokenizer.vocab_size)[0] if room > 0 else []
-  return t.sample_prompt + tokenizer.decode(new_ids)
+  return (f"user: {t.sample_prompt}\nassistant: " if chat else t.sample_prompt) + \
+      tokenizer.decode(new_ids)
