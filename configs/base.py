@@ -37,6 +37,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   m.attention = "auto"  # kernel: xla, xla_blocked, cudnn; auto: cudnn on GPU, xla_blocked on CPU
   m.attention_block_size = 64  # query block of xla_blocked attention (64 measured fastest on CPU)
   m.scan_unroll = 0  # layers per scan iteration (0: all on CPU, 1 on accelerators); same params
+  m.reward_head = False  # a scalar score per position instead of next-token logits (reward models)
   m.matmul_precision = "auto"  # float32 or bfloat16 matmul operands; auto: bfloat16 on CPUs with bf16 dots
 
   c.train = t = ml_collections.ConfigDict()
@@ -65,6 +66,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   t.sample_prompt = "def "  # prompt of the sample printed at the end of a run
   t.sample_tokens = 96  # tokens generated for that sample (0: no sample)
   t.sample_temperature = 0.7  # sampling temperature of that sample (0: greedy)
+
+  c.objective = o = ml_collections.ConfigDict()
+  o.name = "next_token"  # next_token (pretraining, SFT), reward (a reward model) or dpo
+  o.reward_centering = 0.0  # reward: weight of (r_chosen + r_rejected)^2, keeping rewards near 0
+  o.dpo_beta = 0.1  # dpo: how strongly the policy is held to the reference (init_from) model
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "builtin"  # builtin (stdlib .py), files:<glob>, tfds:<name>[/<cfg>][:<split>], chat:<glob>

@@ -26,6 +26,7 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "xla_blocked", "cudnn")
 MATMUL_PRECISIONS = ("auto", "float32", "bfloat16")
 ROPE_SCALINGS = ("none", "llama3")
 MESH_AXES = ("data", "fsdp", "tensor")
+OBJECTIVES = ("next_token", "reward", "dpo")
 
 
 def load_config(spec: str | None = None, overrides: list[str] = ()) -> ml_collections.ConfigDict:
@@ -34,8 +35,9 @@ def load_config(spec: str | None = None, overrides: list[str] = ()) -> ml_collec
   A path that does not exist relative to the working directory is looked up among the
   configs shipped with the package, so `configs/llama.py:llama3-8b` works from anywhere.
   With `train.init_from` and `train.model_from_init` set, the model keys (but execution-only
-  ones) are first those of the run it starts from, then the overrides apply: post-training
-  needs no model keys, and `--config.model.context_length=...` still sets one.
+  ones and `reward_head`) are first those of the run it starts from, then the overrides
+  apply: post-training needs no model keys, and `--config.model.context_length=...` still
+  sets one.
   """
   config = base.get_config() if spec is None else _load_config_file(spec)
   _check_declared(config, base.get_config())
@@ -45,8 +47,8 @@ def load_config(spec: str | None = None, overrides: list[str] = ()) -> ml_collec
     init_model = _model_of_run(config.train.init_from)
     config = base.get_config() if spec is None else _load_config_file(spec)
     for key, value in init_model.items():
-      if key in config.model and key not in EXECUTION_ONLY_MODEL_KEYS:
-        config.model[key] = value
+      if key in config.model and key not in EXECUTION_ONLY_MODEL_KEYS + ("reward_head",):
+        config.model[key] = value  # the objective's preset decides whether the head is a reward
     for override in overrides:
       apply_override(config, override)
   return config
@@ -192,7 +194,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                       ("model.attention", ATTENTION_IMPLEMENTATIONS),
                       ("model.matmul_precision", MATMUL_PRECISIONS),
                       ("model.rope_scaling", ROPE_SCALINGS),
-                      ("train.on_nonfinite", ("stop", "skip"))):
+                      ("train.on_nonfinite", ("stop", "skip")),
+                      ("objective.name", OBJECTIVES)):
     if _get(config, name) not in valid:
       raise UserError(f"{name}={_get(config, name)!r} is not one of {', '.join(valid)}.")
   if t.warmup_steps > t.steps:
@@ -205,6 +208,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise UserError(f"train.min_lr_ratio={t.min_lr_ratio} must be at most 1.")
   if not 0 < config.data.val_fraction < 1:
     raise UserError(f"data.val_fraction={config.data.val_fraction} must be between 0 and 1.")
+  _validate_objective(config)
 
   shape = resolve_mesh_shape(x, num_devices)
   dp = shape["data"] * shape["fsdp"]
@@ -224,6 +228,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if m.d_model % shape["fsdp"]:
     raise UserError(f"model.d_model={m.d_model} does not divide over mesh.fsdp={shape['fsdp']}; "
                     "choose an fsdp size that divides it.")
+
+
+def _validate_objective(config) -> None:
+  o, m = config.objective, config.model
+  if (o.name == "reward") != m.reward_head:
+    raise UserError(f"objective.name={o.name!r} with model.reward_head={m.reward_head}: a reward "
+                    "model has the reward head and only it; set both (configs/posttrain.py:"
+                    "reward does) or neither.")
+  if o.name == "dpo" and not config.train.init_from:
+    raise UserError("objective.name='dpo' needs train.init_from: the model DPO starts from is "
+                    "also its reference.")
+  if not o.dpo_beta > 0 or o.reward_centering < 0:
+    raise UserError(f"objective.dpo_beta={o.dpo_beta} must be positive and "
+                    f"objective.reward_centering={o.reward_centering} zero or positive.")
 
 
 # Model keys whose 'auto' is decided by the platform the run is on (`resolve`).

@@ -58,6 +58,7 @@ class ModelConfig:
   attention_block_size: int = 64
   scan_unroll: int = 1  # layers per iteration of the scanned stack
   matmul_precision: str = "float32"  # float32, or bfloat16 operands with float32 results
+  reward_head: bool = False  # a scalar reward per position instead of next-token logits
 
   def __post_init__(self):
     unresolved = [name for name in ("attention", "matmul_precision", "scan_unroll")
@@ -247,7 +248,8 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, decode: bool = False):
-    """Logits [B, T, V] for next-token prediction at every position.
+    """Logits [B, T, V] for next-token prediction at every position; with
+    `config.reward_head`, a reward model's scalar score [B, T] (float32) at every position.
 
     With `decode=True` (apply with `mutable=["cache"]`), keys and values are also cached, and
     attention covers every cached position up to each token's own (see `Attention`).
@@ -278,6 +280,10 @@ class Transformer(nn.Module):
         x_BTD, _ = block(c, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT, decode)
 
     x_BTD = RMSNorm(c, name="final_norm")(x_BTD)
+    if c.reward_head:  # starts at zero: every answer scores 0 until training says otherwise
+      head_D = _param(self, "reward_head", nn.initializers.zeros, (c.d_model,), ("embed",))
+      rewards_BT = jnp.einsum("btd,d->bt", x_BTD.astype(jnp.float32), head_D.astype(jnp.float32))
+      return nn.with_logical_constraint(rewards_BT, ("batch", "length"))
     if c.tie_embeddings:
       logits_BTV = _dense(x_BTD, embedding_VD, 1, c, transpose_w=True)
     else:

@@ -7,6 +7,7 @@
     run.next_token_distribution("import ", top=5)
     run.evaluate()                              # the run's validation split; or files="*.txt"
     run.evaluate(chat="held_out/*.jsonl")       # assistant tokens of conversations
+    load_run("runs/rm").reward("What is 17+25?", "42")   # a reward model's score
 
 Loading reads the newest checkpoint's config and tokenizer (both are saved inside every
 checkpoint) and restores only its parameters, sharded over a mesh of this machine's devices.
@@ -20,6 +21,7 @@ import math
 import pathlib
 from collections.abc import Iterator, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -84,6 +86,7 @@ class Run:
     device `batch_size` rows at a time (a prompt and its samples together); the result is
     deterministic for a given seed and batch size.
     """
+    self._language_model()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     prompt_ids = [self.chat_format.prompt(self._user_turn(p)) if chat else self.encode_prompt(p)
                   for p in prompts]
@@ -142,6 +145,7 @@ class Run:
 
   def _stream(self, ids: list[int], stop_id: int, max_new_tokens: int | None, *,
               temperature: float, top_k: int | None, top_p: float, seed: int) -> Iterator[str]:
+    self._language_model()
     # Checked before the generator starts, so bad options fail before any output.
     sampling.check_options(temperature, top_k, top_p, self.tokenizer.vocab_size)
     if max_new_tokens is None:
@@ -164,6 +168,32 @@ class Run:
     text = self.tokenizer.decode(new_ids)
     if text != shown:
       yield text[len(shown):]
+
+  def _language_model(self) -> None:
+    if self.model.config.reward_head:
+      raise UserError(f"{self.workdir} is a reward model: it scores answers (`llm-jax reward`) "
+                      "and has no next-token head to write or score text with.")
+
+  def reward(self, prompt: str | Sequence[dict], response: str) -> float:
+    """A reward model's score of `response` as the answer to `prompt` (a user's text, or a
+    conversation that ends with a user's turn), read where training reads it: at the last
+    token of the response."""
+    if not self.model.config.reward_head:
+      raise UserError(f"{self.workdir} is not a reward model; train one with --config "
+                      "configs/posttrain.py:reward.")
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    messages = conversations.checked(turns + [{"role": "assistant", "content": response}],
+                                     "score")
+    ids, mask = self.chat_format.encode(messages)
+    context = self.model.config.context_length
+    if len(ids) > context:
+      raise UserError(f"The prompt and response are {len(ids)} tokens, more than the context "
+                      f"of {context}; shorten them.")
+    tokens = np.zeros((1, context), np.int32)
+    tokens[0, :len(ids)] = ids
+    with sharding.activate(self.mesh):
+      rewards = _scores(self.params, tokens, model=self.model)
+    return float(np.asarray(rewards)[0, np.flatnonzero(mask)[-1]])
 
   @functools.cached_property
   def chat_format(self) -> chat_template.ChatFormat:
@@ -204,6 +234,7 @@ class Run:
 
   def next_token_distribution(self, prompt: str, top: int = 10) -> Distribution:
     """The `top` most likely tokens after `prompt`, and the mass of the rest."""
+    self._language_model()
     vocab = self.tokenizer.vocab_size
     if not 1 <= top <= vocab:
       raise UserError(f"--top={top} must be between 1 and the vocabulary size {vocab}.")
@@ -224,6 +255,7 @@ class Run:
     their bits per byte), or the assistant tokens of the conversations in the `.jsonl` files
     matching `chat`. `batch_size` (default: the run's) is rounded up to divide over the mesh.
     """
+    self._language_model()
     batch_size = batch_size or self.config.train.batch_size
     if batch_size < 1:
       raise UserError(f"--batch_size={batch_size} must be at least 1.")
@@ -243,6 +275,9 @@ class Run:
     else:
       mixture = sources.open_sources(self.config.data)
       kinds = {source.kind for source, _ in mixture}
+      if "preferences" in kinds:
+        raise UserError("This run trained on preference pairs; its validation loss and "
+                        "accuracy are in metrics.jsonl (val_loss, val_accuracy).")
       if kinds == {"chat"}:
         return self._score_conversations([source.validation for source, _ in mixture],
                                          batch_size)
@@ -258,6 +293,12 @@ class Run:
     return evaluate_lib.score_conversations(
         self.params, self.model, self.chat_format, _each_document(collections),
         mesh=self.mesh, batch_size=batch_size)
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _scores(params, tokens, *, model):
+  """A reward model's score at every position (one compiled program per model)."""
+  return model.apply({"params": params}, tokens)
 
 
 def plot_distribution(distribution: Distribution, prompt: str, path) -> None:

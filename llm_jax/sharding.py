@@ -75,11 +75,13 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, shardings=None
                  ) -> dict[str, jax.Array]:
   """Assembles each host's rows of the batch into global arrays sharded over the mesh.
 
-  `shardings` maps each array to its sharding (`batch_shardings`); by default every array is
+  `shardings` maps each array to its sharding (`batch_shardings`), and arrays it does not name
+  (a batch source's bookkeeping, such as pair indices) are left out; by default every array is
   a [batch, length] one.
   """
   return {k: jax.make_array_from_process_local_data(
-      shardings[k] if shardings else batch_sharding(mesh), v) for k, v in local_batch.items()}
+      shardings[k] if shardings else batch_sharding(mesh), v) for k, v in local_batch.items()
+      if shardings is None or k in shardings}
 
 
 def logical_params(model):

@@ -1,4 +1,4 @@
-"""`llm-jax generate|chat|predict|eval`: a trained run put to use."""
+"""`llm-jax generate|chat|predict|eval|reward`: a trained run put to use."""
 
 import itertools
 import json
@@ -96,6 +96,13 @@ def _chat(args, overrides) -> None:
     else:  # an empty turn cannot be part of a conversation; forget the question too
       history.pop()
       _notice("(the model ended its turn without an answer)")
+
+
+def _reward(args, overrides) -> None:
+  run = _load_run(args, overrides)
+  score = run.reward(args.prompt, args.response)
+  print(json.dumps({"prompt": args.prompt, "response": args.response, "reward": score})
+        if args.json else f"{score:.6g}")
 
 
 def _notice(text: str) -> None:
@@ -221,3 +228,15 @@ def add_commands(commands) -> None:
                         help="rows scored at once (default: the run's train.batch_size)")
   evaluate.add_argument("--json", action="store_true", help="print one JSON object")
   evaluate.set_defaults(handler=_eval)
+
+  reward = commands.add_parser(
+      "reward", help="a reward model's score of a response to a prompt",
+      description="Score a response to a prompt with a reward model (a run trained with "
+      "configs/posttrain.py:reward): the prompt is asked as a user's turn and the response "
+      "is the assistant's answer. Higher is better; only differences between scores of "
+      "answers to one prompt are meaningful.")
+  common.add_workdir_argument(reward)
+  reward.add_argument("--prompt", required=True, help="the user's message")
+  reward.add_argument("--response", required=True, help="the assistant's answer to score")
+  reward.add_argument("--json", action="store_true", help="print one JSON object")
+  reward.set_defaults(handler=_reward)

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from llm_jax.data import chat_template, pipeline, sources, tokenizer as tokenizer_lib
+from llm_jax.data import chat_template, pipeline, preferences, sources
+from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.data.chat_template import ChatFormat
 from llm_jax.data.documents import Documents, Source, Subset
 from llm_jax.data.tokenizer import Tokenizer
@@ -38,6 +39,9 @@ def text_batches(config, workdir, inherited_tokenizer: bytes | None = None) -> B
   """
   m, t = config.model, config.train
   mixture = sources.open_sources(config.data)
+  if any(source.kind == "preferences" for source, _ in mixture):
+    raise UserError("Preference pairs train a reward model or DPO, not next-token prediction; "
+                    "use --config configs/posttrain.py:reward or :dpo, or a text or chat source.")
   for source, weight in mixture:
     log(source.summary() + (f"; {weight:.0%} of training tokens" if len(mixture) > 1 else ""))
   workdir.mkdir(parents=True, exist_ok=True)
@@ -95,3 +99,61 @@ def _log_chat_statistics(source: Source, counts: dict, context: int, truncate: b
   log(f"{source.spec}: {counts['used']} training conversations used, {long}; "
       f"{counts['tokens']} tokens of which {counts['target_tokens']} are assistant targets; "
       f"an epoch packs into {counts['rows']} rows, {filled:.1%} of their tokens non-padding")
+
+
+@dataclasses.dataclass
+class PreferencePairs:
+  """A run's preference pairs, those that fit the context, and how they are encoded."""
+  tokenizer: Tokenizer
+  chat_format: ChatFormat
+  train: Documents
+  validation: Documents
+
+
+def preference_pairs(config, workdir, inherited_tokenizer: bytes | None = None
+                     ) -> PreferencePairs:
+  """The pairs of `data.source` (a `preferences:` source) that fit `model.context_length`,
+  after one pass over each split that logs how many do not."""
+  if config.data.mixture or not config.data.source.startswith("preferences:"):
+    raise UserError(f"objective.name={config.objective.name!r} trains on preference pairs; set "
+                    "--config.data.source='preferences:<glob>' (and no data.mixture).")
+  source = sources.open_source(config.data.source, config.data)
+  log(source.summary())
+  workdir.mkdir(parents=True, exist_ok=True)
+  tokenizer = tokenizer_lib.for_run(config, [(source, 1.0)], workdir, inherited_tokenizer)
+  chat_format = chat_template.chat_format(tokenizer)
+  context = config.model.context_length
+  fitting = {}
+  for split in ("train", "validation"):
+    pairs = getattr(source, split)
+    counts, used = preferences.pair_statistics(pairs, chat_format, context)
+    log(f"{source.spec}, {split}: {counts['used']} pairs used, {counts['too_long']} dropped as "
+        f"longer than the context of {context} tokens")
+    fitting[split] = Subset(pairs, used)
+  if not len(fitting["train"]):
+    raise UserError(f"No training pair of {source.spec} fits the context of {context} tokens, "
+                    "so there is nothing to train on; raise model.context_length or give "
+                    "shorter pairs.")
+  return PreferencePairs(tokenizer, chat_format, fitting["train"], fitting["validation"])
+
+
+def pair_batch_source(config, pairs: PreferencePairs, extra_train=None, extra_validation=None
+                      ) -> BatchSource:
+  """Batches of `pairs` (`preferences.pair_batches`); `extra_*(index)` adds an objective's
+  per-pair arrays (DPO's reference log-probabilities)."""
+  t, context = config.train, config.model.context_length
+  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  train = iter(preferences.pair_batches(pairs.train, pairs.chat_format, context, t.batch_size,
+                                        seed=t.seed, extra=extra_train, **process))
+  num_pairs = max(1, t.eval_tokens // context)
+  evaluation = preferences.evaluation_pair_batches(
+      pairs.validation, pairs.chat_format, context, t.batch_size, num_pairs,
+      extra=extra_validation, **process)
+  log(f"Evaluation: {len(evaluation)} batches of validation pairs")
+  return BatchSource(train, evaluation, pairs.tokenizer, pairs.chat_format)
+
+
+def preference_batches(config, workdir, inherited_tokenizer: bytes | None = None
+                       ) -> BatchSource:
+  """Batches of the preference pairs of `data.source` (a reward model's)."""
+  return pair_batch_source(config, preference_pairs(config, workdir, inherited_tokenizer))

@@ -20,7 +20,9 @@ class Source:
   validation: Documents
   description: str
   skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> count
-  kind: str = "text"  # what a document is: "text" (a string) or "chat" (a list of messages)
+  # What a document is: "text" (a string), "chat" (a list of messages) or "preferences" (a
+  # pair: a dict of prompt, chosen and rejected messages).
+  kind: str = "text"
 
   def summary(self) -> str:
     skipped = ", ".join(f"{n} {reason}" for reason, n in self.skipped.items() if n) or "none"

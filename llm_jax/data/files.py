@@ -193,7 +193,7 @@ def open_files(spec: str, val_fraction: float, *, text_key: str = "text", read_r
   return _ensure_both_splits(source, indexer, hint) if split else _ensure_any(source, hint)
 
 
-_USABLE = {"text": "text", "chat": "conversation"}
+_USABLE = {"text": "text", "chat": "conversation", "preferences": "preference pair"}
 
 
 def _ensure_any(source: Source, hint: str) -> Source:

@@ -8,14 +8,16 @@
 - `tfds:<name>[/<config>][:<split>]`: a TFDS dataset prepared as ArrayRecord under
   `data.tfds_data_dir` (`llm_jax.data.tfds_source`);
 - `chat:<glob>`: conversations in `.jsonl` files (`llm_jax.data.conversations`), trained on
-  through the chat template with targets on the assistant's turns only.
+  through the chat template with targets on the assistant's turns only;
+- `preferences:<glob>`: preference pairs (a prompt, a chosen and a rejected response) in
+  `.jsonl` files (`llm_jax.data.preferences`), for reward models and DPO.
 
 Each opens as a `Source`: random-access train and validation documents, read lazily.
 """
 
 import random
 
-from llm_jax.data import conversations, files
+from llm_jax.data import conversations, files, preferences
 from llm_jax.data.documents import Source
 from llm_jax.errors import UserError
 
@@ -42,12 +44,15 @@ def open_source(spec: str, data_config) -> Source:
     return files.open_files(spec, data_config.val_fraction, text_key=data_config.text_key)
   if spec.startswith("chat:"):
     return conversations.open_chat(spec, data_config.val_fraction)
+  if spec.startswith("preferences:"):
+    return preferences.open_preferences(spec, data_config.val_fraction)
   if spec.startswith("tfds:"):
     from llm_jax.data import tfds_source  # TFDS is imported only when it is used
     return tfds_source.open_tfds(spec, data_config.tfds_data_dir, data_config.text_key,
                                  data_config.val_fraction)
   raise UserError(f"data.source={spec!r} is not a known source; use 'builtin', "
-                  "'files:<glob>', 'tfds:<name>[/<config>][:<split>]' or 'chat:<glob>'.")
+                  "'files:<glob>', 'tfds:<name>[/<config>][:<split>]', 'chat:<glob>' or "
+                  "'preferences:<glob>'.")
 
 
 def open_sources(data_config) -> list[tuple[Source, float]]:
@@ -71,6 +76,11 @@ def text_sample(mixture: list[tuple[Source, float]], budget_bytes: int, seed: in
       if used >= budget:
         break
       document = source.train[index]
-      text = document if isinstance(document, str) else conversations.contents(document)
+      if isinstance(document, str):
+        text = document
+      elif isinstance(document, dict):  # a preference pair
+        text = preferences.contents(document)
+      else:
+        text = conversations.contents(document)
       used += len(text)
       yield text

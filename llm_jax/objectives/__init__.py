@@ -2,7 +2,8 @@
 
 An `Objective` is a value. The one train step (`llm_jax.train.step`) and evaluation take any
 objective; nothing else in the trainer knows which one it runs. Each objective lives in a
-module of its own here (`next_token` for pretraining and supervised fine-tuning).
+module of its own here (`next_token` for pretraining and supervised fine-tuning, `reward` for
+reward models, `dpo`); `configured` picks the one a config names, with its batch source.
 """
 
 import dataclasses
@@ -24,12 +25,14 @@ class Objective:
   gradient of the full batch; it is logged as `weight_name`. `batch` names the arrays a batch
   holds, with their dtypes and logical axes (`batch`, `length`, ...). `frozen` is a pytree the
   loss reads but never trains (a reference model's parameters, precomputed values), or None.
+  `perplexity`: the loss is a mean next-token cross-entropy, so exp(loss) is reported.
   """
   name: str
   loss: Callable
   weight: Callable
   batch: Mapping[str, tuple[str, tuple[str, ...]]]
   weight_name: str = "weight"
+  perplexity: bool = False
 
   def abstract_batch(self, sizes: Mapping[str, int]) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes of a batch, from the size of each logical axis (e.g. batch, length)."""

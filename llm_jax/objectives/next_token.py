@@ -29,6 +29,7 @@ def target_count(batch):
 
 NEXT_TOKEN = Objective(
     name="next_token", loss=summed_loss, weight=target_count, weight_name="target_tokens",
+    perplexity=True,
     batch={"inputs": ("int32", _TOKENS), "targets": ("int32", _TOKENS),
            "segment_ids": ("int32", _TOKENS), "positions": ("int32", _TOKENS),
            "weights": ("float32", _TOKENS)})

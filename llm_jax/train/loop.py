@@ -22,10 +22,9 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from llm_jax import checkpoint, config as config_lib, flops, generate, hardware, paths, sharding
-from llm_jax.data.batches import text_batches
 from llm_jax.distributed import is_primary, log
 from llm_jax.errors import UserError
-from llm_jax.objectives.next_token import NEXT_TOKEN
+from llm_jax.objectives.configured import configured
 from llm_jax.train import builder
 from llm_jax.train.metrics import MetricsWriter
 
@@ -53,12 +52,18 @@ def _refuse_other_model(previous, config, where: str) -> None:
                     "--workdir or restore the workdir's model settings.")
 
 
-def evaluate(built, params, batches, frozen=None) -> float:
-  """Mean loss over `batches` (global arrays), weighted as the objective weighs it."""
-  totals = [built.eval_step(params, batch, frozen)[:2] for batch in batches]
-  loss_sum = sum(float(loss) for loss, _ in totals)
-  weight = sum(float(w) for _, w in totals)
-  return loss_sum / max(weight, 1.0)
+def evaluate(built, params, batches, frozen=None) -> dict[str, float]:
+  """`val_loss` and `val_<metric>` of the objective's metrics over `batches` (global arrays),
+  each the mean weighted as the objective weighs it, and `val_perplexity` of a next-token
+  loss."""
+  totals = [jax.device_get(built.eval_step(params, batch, frozen)) for batch in batches]
+  weight = max(sum(float(w) for _, w, _ in totals), 1.0)
+  result = {"val_loss": sum(float(loss) for loss, _, _ in totals) / weight}
+  for name in (totals[0][2] if totals else {}):
+    result[f"val_{name}"] = sum(float(m[name]) for _, _, m in totals) / weight
+  if built.objective.perplexity:
+    result["val_perplexity"] = math.exp(min(result["val_loss"], 50.0))
+  return result
 
 
 def resume_state(checkpointer, config, abstract_state, data_iterator):
@@ -128,7 +133,7 @@ class _Progress:
     self.bar = tqdm.tqdm(total=config.train.steps, initial=start_step,
                          disable=not is_primary(), file=sys.stderr, dynamic_ncols=True,
                          unit="step")
-    self.pending = None  # (step, device metrics, validation loss or None)
+    self.pending = None  # (step, device metrics, validation metrics or None)
     self.timer_start, self.timer_step = None, start_step
     self.last_row = {}
 
@@ -137,14 +142,14 @@ class _Progress:
     jax.block_until_ready(metrics)
     self.timer_start, self.timer_step = time.perf_counter(), step
 
-  def hold(self, step: int, metrics, val_loss: float | None) -> None:
-    self.pending = (step, metrics, val_loss)
+  def hold(self, step: int, metrics, validation: dict | None) -> None:
+    self.pending = (step, metrics, validation)
 
   def flush(self) -> None:
     """Writes the held row, if any; blocks until its step is done."""
     if self.pending is None:
       return
-    step, device_metrics, val_loss = self.pending
+    step, device_metrics, validation = self.pending
     self.pending = None
     row = {k: float(v) for k, v in jax.device_get(device_metrics).items() if k != "nonfinite"}
     now = time.perf_counter()
@@ -154,9 +159,7 @@ class _Progress:
       row["mfu"] = flops.mfu(tokens_per_sec, self.config.model, self.peak)
     self.timer_start, self.timer_step = now, step
     row["tokens_seen"] = step * self.tokens_per_step
-    if val_loss is not None:
-      row["val_loss"] = val_loss
-      row["val_perplexity"] = math.exp(min(val_loss, 50.0))
+    row.update(validation or {})
     self.writer.write(step, row)
     self.bar.set_postfix(loss=f"{row['loss']:.3f}",
                          tok_s=f"{row.get('tokens_per_sec', 0):.0f}", refresh=False)
@@ -184,16 +187,18 @@ def _check_finite(step: int, metrics, on_nonfinite: str, checkpointer) -> None:
       "--config.train.on_nonfinite=skip, and rerun to resume.")
 
 
-def train(config, workdir, objective=NEXT_TOKEN, batch_source=text_batches,
-          frozen=None) -> dict:
+def train(config, workdir, objective=None, batch_source=None, frozen=None) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics.
 
   `objective` says what a step minimises (`llm_jax.objectives`); `batch_source(config,
-  workdir, inherited_tokenizer)` returns the run's `BatchSource` (default: packed text);
+  workdir, inherited_tokenizer)` returns the run's `BatchSource`; both default to those
+  `objective.name` configures (`objectives.configured`: packed text for next-token);
   `frozen(mesh)`, if given, returns the objective's frozen inputs placed on the run's mesh.
   SIGTERM or SIGINT ends the run after the current step with a checkpoint (exit status 0);
   SIGUSR1 writes a checkpoint and goes on.
   """
+  if objective is None:
+    objective, batch_source = configured(config)
   with _Requests() as requests:
     return _train(config, pathlib.Path(workdir).expanduser(), requests, objective,
                   batch_source, frozen)
@@ -258,11 +263,11 @@ def _train(config, workdir, requests, objective, batch_source, frozen) -> dict:
         if progress.timer_start is None:
           progress.start_timer(done, metrics)
         is_last = done == t.steps
-        val_loss = None
+        validation = None
         if (t.eval_every and done % t.eval_every == 0) or is_last:
-          val_loss = evaluate(built, state.params, eval_batches, frozen)
-        if done % t.log_every == 0 or is_last or val_loss is not None:
-          progress.hold(done, metrics, val_loss)
+          validation = evaluate(built, state.params, eval_batches, frozen)
+        if done % t.log_every == 0 or is_last or validation is not None:
+          progress.hold(done, metrics, validation)
         minutes_due = bool(t.checkpoint_minutes) and (
             time.monotonic() - last_save >= 60 * t.checkpoint_minutes)
         stop, save_now = agreed(done, t.log_every, requests.stop_signal is not None,
@@ -292,11 +297,13 @@ def _train(config, workdir, requests, objective, batch_source, frozen) -> dict:
           "Run the same command again to resume.")
       return summary
     if "val_loss" not in summary:  # nothing left to train: report the restored model
-      summary["val_loss"] = evaluate(built, state.params, eval_batches, frozen)
-      summary["val_perplexity"] = math.exp(min(summary["val_loss"], 50.0))
-    log(f"Final validation loss {summary['val_loss']:.4f}, perplexity "
-        f"{summary['val_perplexity']:.2f} (ln vocab = {math.log(m.vocab_size):.2f})")
-    if t.sample_tokens:  # every process: the parameters span all of them
+      summary.update(evaluate(built, state.params, eval_batches, frozen))
+    log(f"Final validation loss {summary['val_loss']:.4f}" + (
+        f", perplexity {summary['val_perplexity']:.2f} (ln vocab = "
+        f"{math.log(m.vocab_size):.2f})" if "val_perplexity" in summary else "") + "".join(
+        f", {k.removeprefix('val_')} {v:.4f}" for k, v in summary.items()
+        if k.startswith("val_") and k not in ("val_loss", "val_perplexity")))
+    if t.sample_tokens and not m.reward_head:  # every process: the parameters span all of them
       summary["sample"] = _sample(t, built.model, state.params, batches)
       if is_primary():
         print(f"--- sample (temperature {t.sample_temperature}) ---\n{summary['sample']}\n---",

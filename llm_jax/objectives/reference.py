@@ -1,0 +1,98 @@
+"""DPO's reference: the `train.init_from` model's log-probabilities of every preference pair,
+computed once before training in a sharded, batched pass and kept with the run.
+
+They are saved as `reference_log_probs.npz` in the workdir with a key of the reference
+checkpoint and the data (the pairs' text, the tokenizer and the context length). A resumed
+run reuses them; if the data or the reference changed, they are computed again (and the log
+says why), never silently reused. The reference parameters are freed before the policy's are
+loaded, so training holds one model.
+"""
+
+import hashlib
+import json
+import pathlib
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from llm_jax import checkpoint, sharding
+from llm_jax import config as config_lib
+from llm_jax.data import preferences
+from llm_jax.data.batches import BatchSource, PreferencePairs, pair_batch_source, \
+    preference_pairs
+from llm_jax.distributed import is_primary, log
+from llm_jax.model import ModelConfig, Transformer
+from llm_jax.objectives.dpo import dpo_objective
+from llm_jax.objectives.pairs import sequence_log_probs
+
+CACHE = "reference_log_probs.npz"
+SPLITS = ("train", "validation")
+
+
+def dpo_batches(config, workdir, inherited_tokenizer: bytes | None = None) -> BatchSource:
+  """Pair batches with each pair's reference log-probabilities (`ref_chosen_log_prob`,
+  `ref_rejected_log_prob`)."""
+  pairs = preference_pairs(config, workdir, inherited_tokenizer)
+  reference = reference_log_probs(config, pathlib.Path(workdir), pairs)
+
+  def extra(split):
+    def arrays(index: int) -> dict[str, np.ndarray]:
+      chosen, rejected = reference[split][index]
+      return {"ref_chosen_log_prob": np.float32(chosen),
+              "ref_rejected_log_prob": np.float32(rejected)}
+    return arrays
+  return pair_batch_source(config, pairs, extra("train"), extra("validation"))
+
+
+def _key(config, pairs: PreferencePairs, location: str) -> str:
+  digest = hashlib.blake2b(digest_size=16)
+  digest.update(pairs.tokenizer.to_bytes())
+  for split in SPLITS:
+    documents = getattr(pairs, split)
+    for index in range(len(documents)):
+      digest.update(json.dumps(documents[index], sort_keys=True).encode())
+    digest.update(split.encode())
+  return json.dumps({"reference": location, "context_length": config.model.context_length,
+                     "data": digest.hexdigest()})
+
+
+def reference_log_probs(config, workdir: pathlib.Path, pairs: PreferencePairs
+                        ) -> dict[str, np.ndarray]:
+  """{split: [pairs, 2] float32 summed log-probabilities of (chosen, rejected)}, from the cache
+  in `workdir` when its key matches, else computed with the reference and saved."""
+  init = checkpoint.open_init_source(config.train.init_from, log)
+  key = _key(config, pairs, init.location)
+  path = workdir / CACHE
+  if path.exists():
+    with np.load(path) as saved:
+      if str(saved["key"]) == key:
+        log(f"Reference log-probabilities of {init.location} reused from {path}")
+        return {split: saved[split] for split in SPLITS}
+    log(f"{path} belongs to other pairs or another reference; computing it again")
+  mesh = sharding.make_mesh(config.mesh)
+  model = Transformer(ModelConfig.from_config(config_lib.resolve(config).model))
+  params = init.checkpointer.restore_params(init.step, sharding.abstract_params(model, mesh))
+  log_probs = jax.jit(lambda params, batch: jax.numpy.stack(
+      sequence_log_probs(model, params, batch), axis=1))
+  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  shardings = sharding.batch_shardings(dpo_objective(), mesh)
+  result = {}
+  with sharding.activate(mesh):
+    for split in SPLITS:
+      documents, rows = getattr(pairs, split), []
+      for batch in preferences.evaluation_pair_batches(
+          documents, pairs.chat_format, config.model.context_length, config.train.batch_size,
+          len(documents), **process):
+        values = log_probs(params, sharding.global_batch(batch, mesh, shardings))
+        rows.append(np.asarray(multihost_utils.process_allgather(values, tiled=True)))
+      result[split] = (np.concatenate(rows)[:len(documents)] if rows
+                       else np.zeros((0, 2), np.float32))
+  del params
+  log(f"Reference log-probabilities of {len(pairs.train)} training and {len(pairs.validation)} "
+      f"validation pairs computed with {init.location}")
+  if is_primary():
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, key=key, **result)
+    tmp.replace(path)
+  return result
