@@ -68,6 +68,10 @@ class TrainStepTimer:
   """
 
   def __init__(self, config, mesh):
+    if config.objective.name != "next_token":
+      raise UserError(f"llm-jax bench times next-token training; objective.name="
+                      f"{config.objective.name!r} is not measured (bench its model as a "
+                      "language model, or read tokens/s in the run's metrics.jsonl).")
     self.built = builder.build(config_lib.resolve(config), mesh)
     self.state = self.built.init_state()
     self.batch = synthetic_batch(config, mesh, config.train.seed)

@@ -45,6 +45,10 @@ def load_config(spec: str | None = None, overrides: list[str] = ()) -> ml_collec
     apply_override(config, override)
   if config.train.init_from and config.train.model_from_init:
     init_model = _model_of_run(config.train.init_from)
+    if init_model.get("reward_head", False) and not config.model.reward_head:
+      raise UserError(f"train.init_from={config.train.init_from} is a reward model, which has "
+                      "no next-token head to start a language model from; start from the run "
+                      "the reward model started from.")
     config = base.get_config() if spec is None else _load_config_file(spec)
     for key, value in init_model.items():
       if key in config.model and key not in EXECUTION_ONLY_MODEL_KEYS + ("reward_head",):

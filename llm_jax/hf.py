@@ -339,6 +339,9 @@ def export_model(workdir, out, step: int | None = None, dtype: str | None = None
   staging = _new_directory(out, "--out")
   try:
     run = load_run(workdir, step=step)
+    if run.model.config.reward_head:
+      raise UserError(f"{workdir} is a reward model; Hugging Face export writes causal "
+                      "language models (LlamaForCausalLM), which have no reward head.")
     params = traverse_util.flatten_dict(run.params)
     target = np.dtype(safetensors_files.DTYPES[dtype or run.config.model.param_dtype])
     tensors = []  # (HF name, our path, layer or None, HF shape)

@@ -34,6 +34,7 @@ from llm_jax import flops, hardware, sharding
 from llm_jax.errors import UserError
 from llm_jax.model import ModelConfig, Transformer
 from llm_jax.train import builder
+from llm_jax.objectives.configured import configured
 
 
 def model_param_counts(config) -> dict[str, int]:
@@ -66,7 +67,7 @@ def for_accelerator(config, accelerator: hardware.Accelerator | None):
 def _compile_train_step(config, devices):
   """The ahead-of-time compiled train step of a resolved `config` on a mesh over `devices`."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  built = builder.build(config, mesh)
+  built = builder.build(config, mesh, configured(config)[0])
   with sharding.activate(mesh):
     return built.train_step.lower(built.abstract_state(), built.abstract_batch(), None).compile()
 

@@ -265,6 +265,8 @@ class Run:
     batch_size = math.ceil(batch_size / data_parallel) * data_parallel
     if files and chat:
       raise UserError("Give --files or --chat, not both.")
+    if chat and max_tokens:
+      raise UserError("--max_tokens limits text scoring; --chat scores every conversation.")
     if chat:
       source = conversations.open_all_chats(chat)
       return {**self._score_conversations([source.train], batch_size),

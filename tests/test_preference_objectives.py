@@ -194,14 +194,22 @@ def test_reward_scores_and_the_reward_command(reward_run, capsys):
   assert json.loads(capsys.readouterr().out)["reward"] == pytest.approx(good, rel=1e-5)
   with pytest.raises(UserError, match="is a reward model"):
     run.generate("say")
+  out = workdir.parent / "exported"
+  assert cli.main(["hf", "export", "--workdir", str(workdir), "--out", str(out)]) == 2
+  assert "is a reward model" in capsys.readouterr().err and not out.exists()
 
 
 def test_dpo_stores_the_reference_and_recomputes_it_for_other_data(base, pairs, tmp_path,
                                                                    capfd):
   workdir = tmp_path / "dpo"
-  config = _posttrain("dpo", base, pairs, "train.steps=4", "train.learning_rate=1e-3")
+  config = _posttrain("dpo", base, pairs, "train.steps=4", "train.learning_rate=1e-3",
+                      "train.log_every=1")
   train(config, workdir)
   stored = np.load(workdir / CACHE)
+  # The first step's policy is its reference, so the stored values give exactly log 2.
+  first = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0])
+  assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+  assert first["margin"] == pytest.approx(0, abs=1e-4)
   # A direct computation: the base model scores each training pair on its own.
   run = load_run(base)
   chat = chat_template.chat_format(tokenizer_lib.saved_tokenizer(base))

@@ -188,7 +188,7 @@ def add_commands(commands) -> None:
       f"conversations. Each line typed is a user's turn; the answer streams as it is "
       f"generated and ends at the end of its turn. {_CHAT_HELP}. When the context is full the "
       "oldest exchanges are dropped, with a notice. With piped input, each line is one user "
-      "message and each answer one line of stdout; notices go to stderr.")
+      "message and each answer goes to stdout followed by a newline; notices go to stderr.")
   common.add_workdir_argument(chat)
   chat.add_argument("--system", help="system message that opens the conversation")
   chat.add_argument("--max_new_tokens", type=int,

@@ -39,9 +39,6 @@ def text_batches(config, workdir, inherited_tokenizer: bytes | None = None) -> B
   """
   m, t = config.model, config.train
   mixture = sources.open_sources(config.data)
-  if any(source.kind == "preferences" for source, _ in mixture):
-    raise UserError("Preference pairs train a reward model or DPO, not next-token prediction; "
-                    "use --config configs/posttrain.py:reward or :dpo, or a text or chat source.")
   for source, weight in mixture:
     log(source.summary() + (f"; {weight:.0%} of training tokens" if len(mixture) > 1 else ""))
   workdir.mkdir(parents=True, exist_ok=True)
@@ -54,6 +51,10 @@ def text_batches(config, workdir, inherited_tokenizer: bytes | None = None) -> B
       [(source.validation, weight) for source, weight in mixture], tokenizer, m.context_length,
       t.batch_size, t.eval_tokens, packers=packers, **process)
   scored = int(sum(float(b["weights"].sum()) for b in evaluation))
+  if not scored:
+    raise UserError("Nothing in the validation split fits the context with a target to score "
+                    "(conversations need an answer that fits); raise model.context_length or "
+                    "data.val_fraction.")
   log(f"Evaluation: {len(evaluation)} batches, {scored} scored validation tokens")
   return BatchSource(train, evaluation, tokenizer, chat_format)
 
@@ -64,6 +65,9 @@ def training_mixture(config, mixture: list[tuple[Source, float]], tokenizer: Tok
   """The chat format (None without conversations), each source's training documents with
   its weight, and its packer (None: text). A conversation source keeps those conversations
   the context has room for, found by one pass that logs what the context leaves of it."""
+  if any(source.kind == "preferences" for source, _ in mixture):
+    raise UserError("Preference pairs train a reward model or DPO, not next-token prediction; "
+                    "use --config configs/posttrain.py:reward or :dpo, or a text or chat source.")
   train_mixture = [(source.train, weight) for source, weight in mixture]
   if not any(source.kind == "chat" for source, _ in mixture):
     return None, train_mixture, [None] * len(mixture)
@@ -84,7 +88,7 @@ def training_mixture(config, mixture: list[tuple[Source, float]], tokenizer: Tok
 def _log_chat_statistics(source: Source, counts: dict, context: int, truncate: bool) -> None:
   if not counts["target_tokens"]:
     raise UserError(
-        f"No training conversation of {source.spec} fits the context of {context + 1} tokens "
+        f"No training conversation of {source.spec} fits model.context_length={context} "
         f"with an assistant turn ({counts['dropped']} too long), so there is nothing to train "
         "on; raise model.context_length" + ("" if truncate else " or set "
                                             "--config.data.chat_truncate=true") + ".")
@@ -149,6 +153,9 @@ def pair_batch_source(config, pairs: PreferencePairs, extra_train=None, extra_va
   evaluation = preferences.evaluation_pair_batches(
       pairs.validation, pairs.chat_format, context, t.batch_size, num_pairs,
       extra=extra_validation, **process)
+  if not evaluation:
+    raise UserError(f"No validation pair fits the context of {context} tokens; raise "
+                    "model.context_length or data.val_fraction.")
   log(f"Evaluation: {len(evaluation)} batches of validation pairs")
   return BatchSource(train, evaluation, pairs.tokenizer, pairs.chat_format)
 

@@ -196,8 +196,9 @@ def _raise_exception(message):
 
 
 def chat_format(tokenizer) -> ChatFormat:
-  """The tokenizer's chat template if it has one, else our format if it has the chat tokens."""
-  if tokenizer.chat_template:
+  """The tokenizer's chat template if it has one, else our format if it has the chat tokens
+  (also when the template is our own, as an exported llm-jax model carries: by id, as ours)."""
+  if tokenizer.chat_template and tokenizer.chat_template != OWN_FORMAT_JINJA:
     special = {"bos_token": tokenizer.id_to_piece(tokenizer.bos_id),
                "eos_token": tokenizer.id_to_piece(tokenizer.eos_id)}
     if tokenizer.pad_id is not None:

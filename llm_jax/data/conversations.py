@@ -12,8 +12,6 @@ alternate, an empty message, no assistant turn to learn from) is skipped and cou
 reason; the split and deduplication are those of text files (`llm_jax.data.files`).
 """
 
-import json
-
 from llm_jax.data import files
 from llm_jax.data.documents import Source
 from llm_jax.errors import UserError
@@ -55,6 +53,8 @@ def check(messages: list[dict]) -> None:
   if not messages:
     raise BadConversation("no messages")
   for index, message in enumerate(messages):
+    if not isinstance(message, dict):
+      raise BadConversation("no messages")
     if message.get("role") not in ROLES:
       raise BadConversation("unknown role")
     if not isinstance(message.get("content"), str) or not message["content"].strip():
@@ -104,7 +104,3 @@ def open_all_chats(pattern: str) -> Source:
   return files.open_files(pattern, 0.0, read_record=from_record, kind="chat",
                           hint=FORMS_HINT, split=False)
 
-
-def dumps(messages: list[dict]) -> str:
-  """A canonical text of a conversation (what deduplication compares)."""
-  return json.dumps(messages, sort_keys=True, ensure_ascii=False)

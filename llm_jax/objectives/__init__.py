@@ -26,6 +26,8 @@ class Objective:
   holds, with their dtypes and logical axes (`batch`, `length`, ...). `frozen` is a pytree the
   loss reads but never trains (a reference model's parameters, precomputed values), or None.
   `perplexity`: the loss is a mean next-token cross-entropy, so exp(loss) is reported.
+  `rows_per_example`: sequences of `length` a batch row stands for (2 for a preference pair),
+  so that tokens/s and MFU count what the step computes.
   """
   name: str
   loss: Callable
@@ -33,6 +35,7 @@ class Objective:
   batch: Mapping[str, tuple[str, tuple[str, ...]]]
   weight_name: str = "weight"
   perplexity: bool = False
+  rows_per_example: int = 1
 
   def abstract_batch(self, sizes: Mapping[str, int]) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes of a batch, from the size of each logical axis (e.g. batch, length)."""

@@ -40,4 +40,4 @@ def _summed_loss(model, params, batch, frozen=None, *, beta: float):
 def dpo_objective(beta: float = 0.1) -> Objective:
   return Objective(name="dpo", loss=functools.partial(_summed_loss, beta=beta),
                    weight=pair_count, batch=pair_batch_layout(**REFERENCE_ARRAYS),
-                   weight_name="pairs")
+                   weight_name="pairs", rows_per_example=2)

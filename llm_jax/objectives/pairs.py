@@ -7,8 +7,8 @@ A batch holds, for each side (`chosen_`, `rejected_`), `inputs`, `targets` and `
 so a response never attends to its twin.
 """
 
-import jax
 import jax.numpy as jnp
+import optax
 
 SIDES = ("chosen", "rejected")
 _TOKENS = ("batch", "length")
@@ -43,10 +43,9 @@ def sequence_log_probs(model, params, batch):
   """(chosen, rejected) summed log-probabilities [B] of the response tokens of each side,
   from one forward pass over both sides' rows."""
   logits = model.apply({"params": params}, both_sides(batch, "inputs")).astype(jnp.float32)
-  targets, weights = both_sides(batch, "targets"), both_sides(batch, "weights")
-  token_log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None],
-                                        axis=-1)[..., 0]
-  return split_sides(jnp.sum(token_log_probs * weights, axis=1))
+  token_log_probs = -optax.softmax_cross_entropy_with_integer_labels(
+      logits, both_sides(batch, "targets"))
+  return split_sides(jnp.sum(token_log_probs * both_sides(batch, "weights"), axis=1))
 
 
 def pair_count(batch):

@@ -11,6 +11,7 @@ loaded, so training holds one model.
 import hashlib
 import json
 import pathlib
+import zipfile
 
 import jax
 import numpy as np
@@ -22,6 +23,7 @@ from llm_jax.data import preferences
 from llm_jax.data.batches import BatchSource, PreferencePairs, pair_batch_source, \
     preference_pairs
 from llm_jax.distributed import is_primary, log
+from llm_jax.errors import UserError
 from llm_jax.model import ModelConfig, Transformer
 from llm_jax.objectives.dpo import dpo_objective
 from llm_jax.objectives.pairs import sequence_log_probs
@@ -45,6 +47,20 @@ def dpo_batches(config, workdir, inherited_tokenizer: bytes | None = None) -> Ba
   return pair_batch_source(config, pairs, extra("train"), extra("validation"))
 
 
+def _read_cache(path: pathlib.Path, key: str) -> dict[str, np.ndarray] | None:
+  """The cached log-probabilities if `path` holds them for `key`, else None (and why)."""
+  if not path.exists():
+    return None
+  try:
+    with np.load(path) as saved:
+      if str(saved["key"]) == key:
+        return {split: saved[split] for split in SPLITS}
+    log(f"{path} belongs to other pairs or another reference; computing it again")
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    log(f"{path} cannot be read; computing it again")
+  return None
+
+
 def _key(config, pairs: PreferencePairs, location: str) -> str:
   digest = hashlib.blake2b(digest_size=16)
   digest.update(pairs.tokenizer.to_bytes())
@@ -60,16 +76,27 @@ def _key(config, pairs: PreferencePairs, location: str) -> str:
 def reference_log_probs(config, workdir: pathlib.Path, pairs: PreferencePairs
                         ) -> dict[str, np.ndarray]:
   """{split: [pairs, 2] float32 summed log-probabilities of (chosen, rejected)}, from the cache
-  in `workdir` when its key matches, else computed with the reference and saved."""
-  init = checkpoint.open_init_source(config.train.init_from, log)
+  in `workdir` when its key matches, else computed with the reference and saved.
+
+  The reference is the checkpoint the run started from, as its config.json pins it once
+  written (not a newer checkpoint the `init_from` run saved since).
+  """
+  saved_config = workdir / "config.json"
+  init_from = (config_lib.from_json(saved_config.read_text()).train.init_from
+               if saved_config.exists() else config.train.init_from)
+  init = checkpoint.open_init_source(init_from, log)
   key = _key(config, pairs, init.location)
   path = workdir / CACHE
-  if path.exists():
-    with np.load(path) as saved:
-      if str(saved["key"]) == key:
-        log(f"Reference log-probabilities of {init.location} reused from {path}")
-        return {split: saved[split] for split in SPLITS}
-    log(f"{path} belongs to other pairs or another reference; computing it again")
+  cached = _read_cache(path, key)
+  if jax.process_count() > 1:  # every process reuses, or every process computes
+    reuse = bool(multihost_utils.broadcast_one_to_all(np.int32(cached is not None)))
+    if reuse and cached is None:
+      raise UserError(f"Process {jax.process_index()} cannot read {path}, which process 0 "
+                      "reuses; give every process the same --workdir (a shared file system).")
+    cached = cached if reuse else None
+  if cached is not None:
+    log(f"Reference log-probabilities of {init.location} reused from {path}")
+    return cached
   mesh = sharding.make_mesh(config.mesh)
   model = Transformer(ModelConfig.from_config(config_lib.resolve(config).model))
   params = init.checkpointer.restore_params(init.step, sharding.abstract_params(model, mesh))

@@ -39,4 +39,5 @@ def _summed_loss(model, params, batch, frozen=None, *, centering: float):
 
 def reward_objective(centering: float = 0.0) -> Objective:
   return Objective(name="reward", loss=functools.partial(_summed_loss, centering=centering),
-                   weight=pair_count, batch=pair_batch_layout(), weight_name="pairs")
+                   weight=pair_count, batch=pair_batch_layout(), weight_name="pairs",
+                   rows_per_example=2)

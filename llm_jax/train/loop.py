@@ -126,9 +126,11 @@ class _Progress:
   """Metrics rows of logging steps, written one step late (metrics.jsonl, TensorBoard,
   progress bar), with tokens/s and MFU over the steps since the row before."""
 
-  def __init__(self, config, workdir: pathlib.Path, start_step: int, peak: float):
+  def __init__(self, config, workdir: pathlib.Path, start_step: int, peak: float,
+               rows_per_example: int):
     self.config, self.peak = config, peak
-    self.tokens_per_step = config.train.batch_size * config.model.context_length
+    self.tokens_per_step = (config.train.batch_size * rows_per_example *
+                            config.model.context_length)
     self.writer = MetricsWriter(workdir, start_step)
     self.bar = tqdm.tqdm(total=config.train.steps, initial=start_step,
                          disable=not is_primary(), file=sys.stderr, dynamic_ncols=True,
@@ -197,8 +199,8 @@ def train(config, workdir, objective=None, batch_source=None, frozen=None) -> di
   SIGTERM or SIGINT ends the run after the current step with a checkpoint (exit status 0);
   SIGUSR1 writes a checkpoint and goes on.
   """
-  if objective is None:
-    objective, batch_source = configured(config)
+  default_objective, default_batches = configured(config)
+  objective, batch_source = objective or default_objective, batch_source or default_batches
   with _Requests() as requests:
     return _train(config, pathlib.Path(workdir).expanduser(), requests, objective,
                   batch_source, frozen)
@@ -246,7 +248,7 @@ def _train(config, workdir, requests, objective, batch_source, frozen) -> dict:
 
   peak, peak_note = hardware.peak_flops(bf16_operands=built.model.config.bf16_operands)
   log(f"MFU is relative to the {peak_note}; {flops.flops_per_token(m) / 1e6:.1f} MFLOPs/token")
-  progress = _Progress(config, workdir, start_step, peak)
+  progress = _Progress(config, workdir, start_step, peak, objective.rows_per_example)
   last_save = time.monotonic()
   previous = None  # (step, metrics) of the step before, checked for non-finite values
   done = start_step
