@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from llm_jax import checkpoint, sharding
 from llm_jax import config as config_lib
 from llm_jax.data import preferences
+from llm_jax.data.documents import Subset
 from llm_jax.data.batches import BatchSource, PreferencePairs, pair_batch_source, \
     preference_pairs
 from llm_jax.distributed import is_primary, log
@@ -29,6 +30,7 @@ from llm_jax.objectives.dpo import dpo_objective
 from llm_jax.objectives.pairs import sequence_log_probs
 
 CACHE = "reference_log_probs.npz"
+_BATCHES_ENCODED = 16
 SPLITS = ("train", "validation")
 
 
@@ -104,17 +106,25 @@ def reference_log_probs(config, workdir: pathlib.Path, pairs: PreferencePairs
       sequence_log_probs(model, params, batch), axis=1))
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   shardings = sharding.batch_shardings(dpo_objective(), mesh)
+  batch_size = config.train.batch_size
   result = {}
   with sharding.activate(mesh):
     for split in SPLITS:
-      documents, rows = getattr(pairs, split), []
-      for batch in preferences.evaluation_pair_batches(
-          documents, pairs.chat_format, config.model.context_length, config.train.batch_size,
-          len(documents), **process):
-        values = log_probs(params, sharding.global_batch(batch, mesh, shardings))
-        rows.append(np.asarray(multihost_utils.process_allgather(values, tiled=True)))
-      result[split] = (np.concatenate(rows)[:len(documents)] if rows
-                       else np.zeros((0, 2), np.float32))
+      documents = getattr(pairs, split)
+      result[split] = np.zeros((len(documents), 2), np.float32)
+      done = 0
+      # A few batches' pairs encoded at a time, so the host never holds every pair's rows.
+      for start in range(0, len(documents), _BATCHES_ENCODED * batch_size):
+        chunk = Subset(documents, np.arange(start, min(start + _BATCHES_ENCODED * batch_size,
+                                                       len(documents))))
+        for batch in preferences.evaluation_pair_batches(
+            chunk, pairs.chat_format, config.model.context_length, batch_size, len(chunk),
+            **process):
+          values = log_probs(params, sharding.global_batch(batch, mesh, shardings))
+          gathered = np.asarray(multihost_utils.process_allgather(values, tiled=True))
+          real = gathered[:start + len(chunk) - done]  # the last batch's padding left out
+          result[split][done:done + len(real)] = real
+          done += len(real)
   del params
   log(f"Reference log-probabilities of {len(pairs.train)} training and {len(pairs.validation)} "
       f"validation pairs computed with {init.location}")
