@@ -117,23 +117,27 @@ def test_a_response_never_sees_its_twin(policy):
   assert float(rewards["reward_rejected"]) != float(rewards_other["reward_rejected"])
 
 
+@pytest.mark.parametrize("name", ["dpo", "reward"])
 @pytest.mark.parametrize("data, fsdp, tensor", [(1, 8, 1), (2, 2, 2)])
-def test_a_sharded_dpo_step_equals_one_device(data, fsdp, tensor):
+def test_a_sharded_pair_step_equals_one_device(name, data, fsdp, tensor):
+  head = [f"objective.name={name}", f"model.reward_head={name == 'reward'}"]
+  objective = dpo_objective(0.1) if name == "dpo" else reward_objective(0.01)
+
   def two_steps(config, devices):
     built = builder.build(config_lib.resolve(config), sharding.make_mesh(config.mesh, devices),
-                          dpo_objective(0.1))
+                          objective)
     state, losses = built.init_state(), []
     with sharding.activate(built.mesh):
       for seed in (0, 1):
         ref = (np.full(config.train.batch_size, -80.0, np.float32),
                np.full(config.train.batch_size, -80.0, np.float32))
-        state, metrics = built.train_step(state, built.global_batch(_pair_batch(config, seed,
-                                                                                ref)), None)
+        batch = _pair_batch(config, seed, ref if name == "dpo" else None)
+        state, metrics = built.train_step(state, built.global_batch(batch), None)
         losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state.params)
-  one, one_params = two_steps(tiny_config("mesh.fsdp=1"), jax.devices()[:1])
+  one, one_params = two_steps(tiny_config("mesh.fsdp=1", *head), jax.devices()[:1])
   many, many_params = two_steps(tiny_config(f"mesh.data={data}", f"mesh.fsdp={fsdp}",
-                                            f"mesh.tensor={tensor}"), jax.devices())
+                                            f"mesh.tensor={tensor}", *head), jax.devices())
   np.testing.assert_allclose(many, one, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
                many_params, one_params)
