@@ -69,6 +69,18 @@ def test_dpo_loss_is_log_2_while_the_policy_is_its_reference(policy):
   assert float(metrics["margin"]) == pytest.approx(0, abs=1e-5)
 
 
+def test_dpo_loss_rewards_the_chosen_side_moving_up_against_the_rejected(policy):
+  config, model, params = policy
+  batch = _pair_batch(config, 3)
+  chosen, rejected = (np.asarray(x) for x in sequence_log_probs(model, params, batch))
+  # The policy is 1 nat above its reference on chosen and 1 below on rejected: margin 2β.
+  batch = _pair_batch(config, 3, (chosen - 1.0, rejected + 1.0))
+  loss, metrics = _mean_loss(dpo_objective(0.1), model, params, batch)
+  assert float(loss) == pytest.approx(math.log1p(math.exp(-0.2)), abs=1e-5)
+  assert float(metrics["margin"]) / config.train.batch_size == pytest.approx(0.2, abs=1e-5)
+  assert float(metrics["accuracy"]) == config.train.batch_size
+
+
 def test_dpo_gradient_matches_a_finite_difference(policy):
   config, model, params = policy
   batch = _pair_batch(config, 1)
