@@ -68,12 +68,24 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   t.sample_temperature = 0.7  # sampling temperature of that sample (0: greedy)
 
   c.objective = o = ml_collections.ConfigDict()
-  o.name = "next_token"  # next_token (pretraining, SFT), reward (a reward model) or dpo
+  o.name = "next_token"  # next_token (pretraining, SFT), reward (a reward model), dpo or grpo
   o.reward_centering = 0.0  # reward: weight of (r_chosen + r_rejected)^2, keeping rewards near 0
   o.dpo_beta = 0.1  # dpo: how strongly the policy is held to the reference (init_from) model
 
+  c.rl = r = ml_collections.ConfigDict()  # objective.name=grpo: RL from generated answers
+  r.reward = ""  # 'module:function', 'file.py:function' or a reward-model run; 'A=2; B=1' weighs
+  r.reward_errors = "stop"  # a reward that raises or is not finite: 'stop' the run or score 'zero'
+  r.group_size = 8  # completions sampled per prompt (at least 2), each judged against the others
+  r.max_completion_tokens = 64  # a completion's token limit; a prompt must fit in the rest
+  r.temperature = 1.0  # sampling temperature of the rollouts
+  r.top_p = 1.0  # nucleus of the rollouts' sampling (1: off)
+  r.clip_epsilon = 0.2  # the new/old probability ratio's clip range [1 - eps, 1 + eps]
+  r.kl_beta = 0.04  # weight of the k3 KL to the reference (init_from); 0 keeps no reference
+  r.passes = 1  # optimisation passes (mu) over each batch of rollouts
+  r.eval_prompts = 64  # validation prompts answered greedily at each evaluation
+
   c.data = d = ml_collections.ConfigDict()
-  d.source = "builtin"  # builtin (stdlib .py), files:<glob>, tfds:<name>[/<cfg>][:<split>], chat:<glob>
+  d.source = "builtin"  # builtin, files:<glob>, tfds:<name>, chat:, preferences: or prompts:<glob>
   d.mixture = ""  # 'SOURCE=WEIGHT; ...' with weights as token shares; '' reads data.source
   d.text_key = "text"  # field holding the text in .jsonl lines and TFDS features
   d.tfds_data_dir = ""  # where tfds: datasets are prepared ('' is TFDS's default directory)

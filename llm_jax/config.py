@@ -26,7 +26,7 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "xla_blocked", "cudnn")
 MATMUL_PRECISIONS = ("auto", "float32", "bfloat16")
 ROPE_SCALINGS = ("none", "llama3")
 MESH_AXES = ("data", "fsdp", "tensor")
-OBJECTIVES = ("next_token", "reward", "dpo")
+OBJECTIVES = ("next_token", "reward", "dpo", "grpo")
 
 
 def load_config(spec: str | None = None, overrides: list[str] = ()) -> ml_collections.ConfigDict:
@@ -199,7 +199,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                       ("model.matmul_precision", MATMUL_PRECISIONS),
                       ("model.rope_scaling", ROPE_SCALINGS),
                       ("train.on_nonfinite", ("stop", "skip")),
-                      ("objective.name", OBJECTIVES)):
+                      ("objective.name", OBJECTIVES),
+                      ("rl.reward_errors", ("stop", "zero"))):
     if _get(config, name) not in valid:
       raise UserError(f"{name}={_get(config, name)!r} is not one of {', '.join(valid)}.")
   if t.warmup_steps > t.steps:
@@ -246,6 +247,35 @@ def _validate_objective(config) -> None:
   if not o.dpo_beta > 0 or o.reward_centering < 0:
     raise UserError(f"objective.dpo_beta={o.dpo_beta} must be positive and "
                     f"objective.reward_centering={o.reward_centering} zero or positive.")
+  if o.name == "grpo":
+    _validate_rl(config)
+
+
+def _validate_rl(config) -> None:
+  r, t, context = config.rl, config.train, config.model.context_length
+  if not r.reward:
+    raise UserError("objective.name='grpo' needs rl.reward: 'module:function', "
+                    "'file.py:function' or a reward-model run directory.")
+  if r.group_size < 2:
+    raise UserError(f"rl.group_size={r.group_size} must be at least 2: GRPO compares the "
+                    "completions of a prompt with each other.")
+  if t.batch_size % r.group_size:
+    raise UserError(f"train.batch_size={t.batch_size} (completions per step) is not a multiple "
+                    f"of rl.group_size={r.group_size}; use a multiple of it.")
+  if not 1 <= r.max_completion_tokens < context:
+    raise UserError(f"rl.max_completion_tokens={r.max_completion_tokens} must be at least 1 "
+                    f"and leave room for a prompt in model.context_length={context}.")
+  if r.kl_beta > 0 and not t.init_from:
+    raise UserError(f"rl.kl_beta={r.kl_beta} holds the policy near its reference, "
+                    "train.init_from; set init_from, or rl.kl_beta=0.")
+  for name, ok, valid in (("rl.passes", r.passes >= 1, "at least 1"),
+                          ("rl.clip_epsilon", r.clip_epsilon > 0, "positive"),
+                          ("rl.kl_beta", r.kl_beta >= 0, "zero (no reference) or positive"),
+                          ("rl.temperature", r.temperature > 0, "positive"),
+                          ("rl.top_p", 0 < r.top_p <= 1, "in (0, 1]"),
+                          ("rl.eval_prompts", r.eval_prompts >= 0, "zero or positive")):
+    if not ok:
+      raise UserError(f"{name}={_get(config, name)} must be {valid}.")
 
 
 # Model keys whose 'auto' is decided by the platform the run is on (`resolve`).

@@ -170,6 +170,19 @@ def generate(params, model: Transformer, prompts: list[list[int]], max_new_token
   return [_until_eos(row[:max_new_tokens], eos_id) for row in np.asarray(out_RS).tolist()]
 
 
+def complete(params, model: Transformer, prompt_BP, lengths_B, key, max_new_tokens: int, *,
+             eos_id: int, samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+             num_tokens: int | None = None) -> jax.Array:
+  """[B * samples, max_new_tokens] new ids of right-padded prompts [B, P] (rows
+  prompt-major, `eos_id` after a row's end), for callers that ask the same shapes again and
+  again (RL rollouts): one program per shape of the prompts, `max_new_tokens` and `samples`,
+  with no bucketing and no checks (P + max_new_tokens must fit the context)."""
+  return _generate(params, prompt_BP, lengths_B, key, jnp.float32(temperature),
+                   jnp.float32(top_p), jnp.int32(max_new_tokens), model=model,
+                   max_steps=max_new_tokens, samples=samples, top_k=0, eos_id=eos_id,
+                   num_tokens=num_tokens)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens"))
 def _stream_start(params, prompt_BP, lengths_B, *, model, num_tokens):
   return _start(params, model, prompt_BP, lengths_B, 1, num_tokens)

@@ -67,9 +67,15 @@ def for_accelerator(config, accelerator: hardware.Accelerator | None):
 def _compile_train_step(config, devices):
   """The ahead-of-time compiled train step of a resolved `config` on a mesh over `devices`."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  built = builder.build(config, mesh, configured(config)[0])
+  objective, _, frozen = configured(config)
+  # A frozen input is a reference model's parameters (GRPO's), sharded as the policy's.
+  abstract_frozen = sharding.abstract_params(
+      Transformer(ModelConfig.from_config(config.model)), mesh) if frozen else None
+  built = builder.build(config, mesh, objective, jax.tree.map(lambda x: x.sharding,
+                                                              abstract_frozen))
   with sharding.activate(mesh):
-    return built.train_step.lower(built.abstract_state(), built.abstract_batch(), None).compile()
+    return built.train_step.lower(built.abstract_state(), built.abstract_batch(),
+                                  abstract_frozen).compile()
 
 
 def _cost_flops(compiled) -> float:

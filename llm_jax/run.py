@@ -280,6 +280,10 @@ class Run:
       if "preferences" in kinds:
         raise UserError("This run trained on preference pairs; its validation loss and "
                         "accuracy are in metrics.jsonl (val_loss, val_accuracy).")
+      if "prompts" in kinds:
+        raise UserError("This run learned from its answers to prompts; the reward of its "
+                        "answers to validation prompts is in metrics.jsonl (val_reward); score "
+                        "text with --files or conversations with --chat.")
       if kinds == {"chat"}:
         return self._score_conversations([source.validation for source, _ in mixture],
                                          batch_size)

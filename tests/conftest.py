@@ -19,6 +19,7 @@ from llm_jax import sharding  # noqa: E402
 from llm_jax.data.tokenizer import train_tokenizer  # noqa: E402
 from llm_jax.model import ModelConfig, Transformer  # noqa: E402
 from llm_jax.train import builder  # noqa: E402
+from llm_jax.train.loop import train  # noqa: E402
 
 TINY_OVERRIDES = [
     "model.vocab_size=512", "model.d_model=64", "model.num_layers=2", "model.num_heads=8",
@@ -76,3 +77,12 @@ def text_corpus(tmp_path_factory) -> pathlib.Path:
   for i, text in enumerate(stdlib_texts(60)):
     (root / f"doc{i:03d}.py").write_text(text, encoding="utf-8")
   return root
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(text_corpus, tmp_path_factory) -> pathlib.Path:
+  """A tiny run (context 64) pretrained a few steps: where post-training tests start."""
+  workdir = tmp_path_factory.mktemp("pretrained")
+  train(tiny_config(f"data.source=files:{text_corpus}/*.py", "train.steps=6",
+                    "train.sample_tokens=0", "model.context_length=64"), workdir)
+  return workdir

@@ -162,11 +162,8 @@ def _write_pairs(path, words, good="good", bad="bad"):
 
 
 @pytest.fixture(scope="module")
-def base(text_corpus, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("base")
-  train(tiny_config(f"data.source=files:{text_corpus}/*.py", "train.steps=6",
-                    "train.sample_tokens=0", "model.context_length=64"), workdir)
-  return workdir
+def base(pretrained_run):
+  return pretrained_run
 
 
 @pytest.fixture(scope="module")

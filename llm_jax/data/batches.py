@@ -8,7 +8,7 @@ never looks inside a batch.
 """
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
@@ -28,6 +28,12 @@ class BatchSource:
   evaluation: list[dict[str, np.ndarray]]
   tokenizer: Tokenizer
   chat_format: ChatFormat | None = None  # how the data's conversations are encoded, if any
+  # RL: batches the model being trained generates. rollout(params, step) returns this
+  # process's rows of step `step` and host metrics; `train` then iterates over its prompts.
+  rollout: Callable | None = None
+  # An evaluation of its own, evaluate(params) -> {"val_<metric>": value}, instead of
+  # `evaluation` batches (RL: rewards of answers to validation prompts).
+  evaluate: Callable | None = None
 
 
 def text_batches(config, workdir, inherited_tokenizer: bytes | None = None) -> BatchSource:
@@ -68,6 +74,9 @@ def training_mixture(config, mixture: list[tuple[Source, float]], tokenizer: Tok
   if any(source.kind == "preferences" for source, _ in mixture):
     raise UserError("Preference pairs train a reward model or DPO, not next-token prediction; "
                     "use --config configs/posttrain.py:reward or :dpo, or a text or chat source.")
+  if any(source.kind == "prompts" for source, _ in mixture):
+    raise UserError("Prompts are for RL, not next-token prediction; use --config "
+                    "configs/posttrain.py:grpo, or a text or chat source.")
   train_mixture = [(source.train, weight) for source, weight in mixture]
   if not any(source.kind == "chat" for source, _ in mixture):
     return None, train_mixture, [None] * len(mixture)

@@ -1,4 +1,5 @@
-"""Conversations: what a chat is, how one is checked, and `chat:<glob>` sources of them.
+"""Conversations: what a chat (and a prompt to answer) is, how one is checked, and `chat:<glob>`
+sources of them.
 
 A conversation is a list of messages `{"role": "system"|"user"|"assistant", "content": str}`:
 an optional system message first, then user and assistant turns alternating, starting with
@@ -66,6 +67,26 @@ def check(messages: list[dict]) -> None:
     expected = "user" if (index - (messages[0]["role"] == "system")) % 2 == 0 else "assistant"
     if message["role"] != expected:
       raise BadConversation("not alternating")
+
+
+def as_messages(value, role: str) -> list[dict]:
+  """`value` as messages, not yet checked: a string as one message of `role`, a list of dicts
+  as their role and content (other keys dropped); raises `BadConversation` for anything else."""
+  if isinstance(value, str):
+    return [{"role": role, "content": value}]
+  if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+    return [{"role": m.get("role"), "content": m.get("content")} for m in value]
+  raise BadConversation("no messages")
+
+
+def prompt_of(value) -> list[dict]:
+  """A prompt as a conversation for a model to answer (`as_messages`, a string being one user
+  turn) that passes `check` and ends with a user turn; raises `BadConversation` otherwise."""
+  messages = as_messages(value, "user")
+  check(messages)
+  if messages[-1]["role"] != "user":  # nothing to answer after an assistant's turn
+    raise BadConversation("no user turn last")
+  return messages
 
 
 _WHAT_IS_WRONG = {

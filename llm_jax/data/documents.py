@@ -1,5 +1,5 @@
-"""What a source is: random-access documents (texts or conversations), split into train and
-validation."""
+"""What a source is: random-access documents (texts, conversations, preference pairs or
+prompts), split into train and validation."""
 
 import dataclasses
 from typing import Protocol
@@ -10,7 +10,7 @@ class Documents(Protocol):
 
   def __len__(self) -> int: ...
 
-  def __getitem__(self, index: int): ...  # a str, or a conversation (list of messages)
+  def __getitem__(self, index: int): ...  # a str, a conversation or a dict (`Source.kind`)
 
 
 @dataclasses.dataclass
@@ -20,8 +20,9 @@ class Source:
   validation: Documents
   description: str
   skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> count
-  # What a document is: "text" (a string), "chat" (a list of messages) or "preferences" (a
-  # pair: a dict of prompt, chosen and rejected messages).
+  # What a document is: "text" (a string), "chat" (a list of messages), "preferences" (a
+  # pair: a dict of prompt, chosen and rejected messages) or "prompts" (a dict of the prompt's
+  # messages, the line's other "fields" and the prompt as "given").
   kind: str = "text"
 
   def summary(self) -> str:

@@ -193,7 +193,8 @@ def open_files(spec: str, val_fraction: float, *, text_key: str = "text", read_r
   return _ensure_both_splits(source, indexer, hint) if split else _ensure_any(source, hint)
 
 
-_USABLE = {"text": "text", "chat": "conversation", "preferences": "preference pair"}
+_USABLE = {"text": "text", "chat": "conversation", "preferences": "preference pair",
+           "prompts": "prompt"}
 
 
 def _ensure_any(source: Source, hint: str) -> Source:

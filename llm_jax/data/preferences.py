@@ -38,17 +38,11 @@ class BadPair(files.SkipDocument):
   """A preference pair that cannot be used; `reason` is how it is counted."""
 
 
-def _messages(value, role: str, malformed: str) -> list[dict]:
-  """A string as one message of `role`, or a list of messages as role/content dicts."""
-  if isinstance(value, str):
-    return [{"role": role, "content": value}]
-  if isinstance(value, list) and all(isinstance(m, dict) for m in value):
-    return [{"role": m.get("role"), "content": m.get("content")} for m in value]
-  raise BadPair(malformed)
-
-
 def _response(value, prompt: list[dict]) -> list[dict]:
-  messages = _messages(value, "assistant", "malformed response")
+  try:
+    messages = conversations.as_messages(value, "assistant")
+  except conversations.BadConversation:
+    raise BadPair("malformed response") from None
   if any(not isinstance(m["content"], str) or m["role"] not in conversations.ROLES
          for m in messages):
     raise BadPair("malformed response")
@@ -67,13 +61,10 @@ def from_record(record) -> dict:
   """The pair of one JSON line as {"prompt", "chosen", "rejected"} lists of messages."""
   if not isinstance(record, dict) or any(field not in record for field in FIELDS):
     raise BadPair("missing field")
-  prompt = _messages(record["prompt"], "user", "malformed prompt")
   try:
-    conversations.check(prompt)
+    prompt = conversations.prompt_of(record["prompt"])
   except conversations.BadConversation:
     raise BadPair("malformed prompt") from None
-  if prompt[-1]["role"] != "user":
-    raise BadPair("malformed prompt")
   pair = {"prompt": prompt, **{side: _response(record[side], prompt) for side in SIDES}}
   if pair["chosen"] == pair["rejected"]:  # nothing to prefer; the loss would be constant
     raise BadPair("identical responses")

@@ -10,14 +10,16 @@
 - `chat:<glob>`: conversations in `.jsonl` files (`llm_jax.data.conversations`), trained on
   through the chat template with targets on the assistant's turns only;
 - `preferences:<glob>`: preference pairs (a prompt, a chosen and a rejected response) in
-  `.jsonl` files (`llm_jax.data.preferences`), for reward models and DPO.
+  `.jsonl` files (`llm_jax.data.preferences`), for reward models and DPO;
+- `prompts:<glob>`: prompts with the fields a reward function judges answers by, in `.jsonl`
+  files (`llm_jax.data.prompts`), for RL (GRPO).
 
 Each opens as a `Source`: random-access train and validation documents, read lazily.
 """
 
 import random
 
-from llm_jax.data import conversations, files, preferences
+from llm_jax.data import conversations, files, preferences, prompts
 from llm_jax.data.documents import Source
 from llm_jax.errors import UserError
 
@@ -46,13 +48,15 @@ def open_source(spec: str, data_config) -> Source:
     return conversations.open_chat(spec, data_config.val_fraction)
   if spec.startswith("preferences:"):
     return preferences.open_preferences(spec, data_config.val_fraction)
+  if spec.startswith("prompts:"):
+    return prompts.open_prompts(spec, data_config.val_fraction)
   if spec.startswith("tfds:"):
     from llm_jax.data import tfds_source  # TFDS is imported only when it is used
     return tfds_source.open_tfds(spec, data_config.tfds_data_dir, data_config.text_key,
                                  data_config.val_fraction)
   raise UserError(f"data.source={spec!r} is not a known source; use 'builtin', "
-                  "'files:<glob>', 'tfds:<name>[/<config>][:<split>]', 'chat:<glob>' or "
-                  "'preferences:<glob>'.")
+                  "'files:<glob>', 'tfds:<name>[/<config>][:<split>]', 'chat:<glob>', "
+                  "'preferences:<glob>' or 'prompts:<glob>'.")
 
 
 def open_sources(data_config) -> list[tuple[Source, float]]:
@@ -66,6 +70,17 @@ def open_sources(data_config) -> list[tuple[Source, float]]:
   return [(open_source(data_config.source, data_config), 1.0)]
 
 
+def _text_of(kind: str, document) -> str:
+  """The words of a document of a source of `kind` (`Source.kind`) as plain text."""
+  if kind == "chat":
+    return conversations.contents(document)
+  if kind == "preferences":
+    return preferences.contents(document)
+  if kind == "prompts":
+    return prompts.contents(document)
+  return document
+
+
 def text_sample(mixture: list[tuple[Source, float]], budget_bytes: int, seed: int):
   """Yields random training documents, about `budget_bytes` of text shared out by weight."""
   rng = random.Random(seed)
@@ -75,12 +90,6 @@ def text_sample(mixture: list[tuple[Source, float]], budget_bytes: int, seed: in
     for index in rng.sample(range(len(source.train)), min(len(source.train), 1_000_000)):
       if used >= budget:
         break
-      document = source.train[index]
-      if isinstance(document, str):
-        text = document
-      elif isinstance(document, dict):  # a preference pair
-        text = preferences.contents(document)
-      else:
-        text = conversations.contents(document)
+      text = _text_of(source.kind, source.train[index])
       used += len(text)
       yield text

@@ -28,6 +28,10 @@ class Objective:
   `perplexity`: the loss is a mean next-token cross-entropy, so exp(loss) is reported.
   `rows_per_example`: sequences of `length` a batch row stands for (2 for a preference pair),
   so that tokens/s and MFU count what the step computes.
+  `prepare(model, params, batch, frozen)`, if given, returns the batch with arrays the loss
+  needs computed once per step from the parameters before any update (GRPO's reference and
+  rollout-policy log-probabilities); `passes` is the number of optimizer updates a step makes
+  on its batch (GRPO's mu).
   """
   name: str
   loss: Callable
@@ -36,6 +40,8 @@ class Objective:
   weight_name: str = "weight"
   perplexity: bool = False
   rows_per_example: int = 1
+  prepare: Callable | None = None
+  passes: int = 1
 
   def abstract_batch(self, sizes: Mapping[str, int]) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes of a batch, from the size of each logical axis (e.g. batch, length)."""

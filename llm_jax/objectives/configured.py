@@ -1,18 +1,26 @@
 """The objective `objective.name` names, with the batch source it trains on."""
 
+from collections.abc import Callable
+
 from llm_jax.data.batches import preference_batches, text_batches
 from llm_jax.objectives import Objective
 from llm_jax.objectives.dpo import dpo_objective
+from llm_jax.objectives.grpo import grpo_objective, reference_parameters
 from llm_jax.objectives.next_token import NEXT_TOKEN
 from llm_jax.objectives.reference import dpo_batches
 from llm_jax.objectives.reward import reward_objective
+from llm_jax.objectives.rollouts import grpo_batches
 
 
-def configured(config) -> tuple[Objective, callable]:
-  """(objective, batch_source(config, workdir, inherited_tokenizer)) of `config`."""
-  o = config.objective
+def configured(config) -> tuple[Objective, Callable, Callable | None]:
+  """(objective, batch_source(config, workdir, inherited_tokenizer), frozen(mesh, init_from)
+  or None) of `config`: what `llm_jax.train.loop.train` takes."""
+  o, r = config.objective, config.rl
   if o.name == "reward":
-    return reward_objective(o.reward_centering), preference_batches
+    return reward_objective(o.reward_centering), preference_batches, None
   if o.name == "dpo":
-    return dpo_objective(o.dpo_beta), dpo_batches
-  return NEXT_TOKEN, text_batches
+    return dpo_objective(o.dpo_beta), dpo_batches, None
+  if o.name == "grpo":
+    return (grpo_objective(r.clip_epsilon, r.kl_beta, r.passes), grpo_batches,
+            reference_parameters(config) if r.kl_beta > 0 else None)
+  return NEXT_TOKEN, text_batches, None

@@ -66,8 +66,8 @@ def build(config, mesh: Mesh, objective: objectives.Objective = NEXT_TOKEN,
   """
   t = config.train
   model = Transformer(ModelConfig.from_config(config.model))
-  tx = optimizer.make_optimizer(t)
-  schedule = optimizer.learning_rate_schedule(t)
+  tx = optimizer.make_optimizer(t, objective.passes)
+  schedule = optimizer.learning_rate_schedule(t, objective.passes)
   _, state_shardings = state_lib.state_shardings(model, tx, mesh)
   batch_shardings = sharding.batch_shardings(objective, mesh)
   train_step = jax.jit(

@@ -135,7 +135,7 @@ class _Progress:
     self.bar = tqdm.tqdm(total=config.train.steps, initial=start_step,
                          disable=not is_primary(), file=sys.stderr, dynamic_ncols=True,
                          unit="step")
-    self.pending = None  # (step, device metrics, validation metrics or None)
+    self.pending = None  # (step, device metrics, validation and host metrics)
     self.timer_start, self.timer_step = None, start_step
     self.last_row = {}
 
@@ -144,14 +144,15 @@ class _Progress:
     jax.block_until_ready(metrics)
     self.timer_start, self.timer_step = time.perf_counter(), step
 
-  def hold(self, step: int, metrics, validation: dict | None) -> None:
-    self.pending = (step, metrics, validation)
+  def hold(self, step: int, metrics, extra: dict) -> None:
+    """Holds the row of `step`: device `metrics` and `extra` values (validation, host)."""
+    self.pending = (step, metrics, extra)
 
   def flush(self) -> None:
     """Writes the held row, if any; blocks until its step is done."""
     if self.pending is None:
       return
-    step, device_metrics, validation = self.pending
+    step, device_metrics, extra = self.pending
     self.pending = None
     row = {k: float(v) for k, v in jax.device_get(device_metrics).items() if k != "nonfinite"}
     now = time.perf_counter()
@@ -161,7 +162,7 @@ class _Progress:
       row["mfu"] = flops.mfu(tokens_per_sec, self.config.model, self.peak)
     self.timer_start, self.timer_step = now, step
     row["tokens_seen"] = step * self.tokens_per_step
-    row.update(validation or {})
+    row.update(extra)
     self.writer.write(step, row)
     self.bar.set_postfix(loss=f"{row['loss']:.3f}",
                          tok_s=f"{row.get('tokens_per_sec', 0):.0f}", refresh=False)
@@ -193,14 +194,18 @@ def train(config, workdir, objective=None, batch_source=None, frozen=None) -> di
   """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics.
 
   `objective` says what a step minimises (`llm_jax.objectives`); `batch_source(config,
-  workdir, inherited_tokenizer)` returns the run's `BatchSource`; both default to those
-  `objective.name` configures (`objectives.configured`: packed text for next-token);
-  `frozen(mesh)`, if given, returns the objective's frozen inputs placed on the run's mesh.
+  workdir, inherited_tokenizer)` returns the run's `BatchSource`; `frozen(mesh, init_from)`,
+  if given, returns the objective's frozen inputs placed on the run's mesh (`init_from`: the
+  checkpoint the run starts, or started, from). All three default to those `objective.name`
+  configures (`objectives.configured`: packed text for next-token).
   SIGTERM or SIGINT ends the run after the current step with a checkpoint (exit status 0);
   SIGUSR1 writes a checkpoint and goes on.
   """
-  default_objective, default_batches = configured(config)
-  objective, batch_source = objective or default_objective, batch_source or default_batches
+  if objective is None:
+    objective, default_batches, default_frozen = configured(config)
+    batch_source, frozen = batch_source or default_batches, frozen or default_frozen
+  elif batch_source is None:
+    batch_source = configured(config)[1]
   with _Requests() as requests:
     return _train(config, pathlib.Path(workdir).expanduser(), requests, objective,
                   batch_source, frozen)
@@ -215,7 +220,8 @@ def _train(config, workdir, requests, objective, batch_source, frozen) -> dict:
   log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices; "
       f"{flops.param_counts(m)['params'] / 1e6:.2f}M parameters; "
       f"{config_lib.describe_resolved(resolved)}")
-  frozen = frozen(mesh) if frozen else None
+  pinned = previous_config.train.get("init_from", "") if previous_config is not None else ""
+  frozen = frozen(mesh, pinned or t.init_from) if frozen else None
   built = builder.build(resolved, mesh, objective,
                         None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen))
   directory = workdir / "checkpoints"
@@ -225,6 +231,12 @@ def _train(config, workdir, requests, objective, batch_source, frozen) -> dict:
     init.check_shapes(built.abstract_state().params, config)  # before anything is written
   batches = batch_source(config, workdir, init.tokenizer if init else None)
   eval_batches = [built.global_batch(b) for b in batches.evaluation]
+
+  def validate(params) -> dict[str, float]:
+    if batches.evaluate:
+      return batches.evaluate(params)
+    return evaluate(built, params, eval_batches, frozen)
+
   checkpointer = checkpoint.Checkpointer(directory, t.keep_checkpoints, t.keep_steps)
 
   state, start_step = resume_state(checkpointer, config, built.abstract_state(), batches.train)
@@ -255,8 +267,11 @@ def _train(config, workdir, requests, objective, batch_source, frozen) -> dict:
   with sharding.activate(mesh):
     try:
       for step in range(start_step, t.steps):
-        state, metrics = built.train_step(state, built.global_batch(next(batches.train)),
-                                          frozen)
+        if batches.rollout:
+          local, host_metrics = batches.rollout(state.params, step)
+        else:
+          local, host_metrics = next(batches.train), {}
+        state, metrics = built.train_step(state, built.global_batch(local), frozen)
         done = step + 1
         if previous is not None:
           _check_finite(*previous, t.on_nonfinite, checkpointer)
@@ -267,9 +282,9 @@ def _train(config, workdir, requests, objective, batch_source, frozen) -> dict:
         is_last = done == t.steps
         validation = None
         if (t.eval_every and done % t.eval_every == 0) or is_last:
-          validation = evaluate(built, state.params, eval_batches, frozen)
+          validation = validate(state.params)
         if done % t.log_every == 0 or is_last or validation is not None:
-          progress.hold(done, metrics, validation)
+          progress.hold(done, metrics, host_metrics | (validation or {}))
         minutes_due = bool(t.checkpoint_minutes) and (
             time.monotonic() - last_save >= 60 * t.checkpoint_minutes)
         stop, save_now = agreed(done, t.log_every, requests.stop_signal is not None,
@@ -298,13 +313,15 @@ def _train(config, workdir, requests, objective, batch_source, frozen) -> dict:
       log(f"Stopped by {requests.stop_signal} after step {done}; the checkpoint is saved. "
           "Run the same command again to resume.")
       return summary
-    if "val_loss" not in summary:  # nothing left to train: report the restored model
-      summary.update(evaluate(built, state.params, eval_batches, frozen))
-    log(f"Final validation loss {summary['val_loss']:.4f}" + (
-        f", perplexity {summary['val_perplexity']:.2f} (ln vocab = "
-        f"{math.log(m.vocab_size):.2f})" if "val_perplexity" in summary else "") + "".join(
-        f", {k.removeprefix('val_')} {v:.4f}" for k, v in summary.items()
-        if k.startswith("val_") and k not in ("val_loss", "val_perplexity")))
+    if not any(k.startswith("val_") for k in summary):  # nothing left to train: the restored
+      summary.update(validate(state.params))  # model's
+    final = [f"{k.removeprefix('val_')} {v:.4f}" for k, v in summary.items()
+             if k.startswith("val_") and k != "val_perplexity"]
+    if "val_perplexity" in summary:
+      final.insert(1, f"perplexity {summary['val_perplexity']:.2f} (ln vocab = "
+                   f"{math.log(m.vocab_size):.2f})")
+    if final:
+      log("Final validation " + ", ".join(final))
     if t.sample_tokens and not m.reward_head:  # every process: the parameters span all of them
       summary["sample"] = _sample(t, built.model, state.params, batches)
       if is_primary():

@@ -28,7 +28,14 @@ def _microbatches(batch, count: int):
 def train_step(state: TrainState, batch, frozen, *, objective, model, tx, schedule,
                grad_accum_steps: int):
   """(new state, metrics): `loss`, the objective's metrics and weight, `grad_norm`,
-  `learning_rate`, `nonfinite` and `skipped_steps`."""
+  `learning_rate`, `nonfinite` and `skipped_steps`.
+
+  An objective of several `passes` makes that many updates on the batch (the metrics are
+  their means; a pass with a non-finite loss or gradient leaves the parameters as they were);
+  the step counter advances by one, the optimizer's schedule by `passes`.
+  """
+  if objective.prepare is not None:
+    batch = objective.prepare(model, state.params, batch, frozen)
   weight = jnp.maximum(objective.weight(batch), 1.0)
 
   def loss_fn(params, micro):
@@ -36,34 +43,45 @@ def train_step(state: TrainState, batch, frozen, *, objective, model, tx, schedu
     return loss_sum / weight, metric_sums
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  if grad_accum_steps == 1:
-    (loss, metric_sums), grads = grad_fn(state.params, batch)
+
+  def update(carry, _):
+    params, opt_state = carry
+    if grad_accum_steps == 1:
+      (loss, metric_sums), grads = grad_fn(params, batch)
+    else:
+      micro = _microbatches(batch, grad_accum_steps)
+
+      def accumulate(total, one):
+        return jax.tree.map(jnp.add, total, grad_fn(params, one)), None
+      first = jax.tree.map(lambda x: x[0], micro)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                           jax.eval_shape(grad_fn, params, first))
+      ((loss, metric_sums), grads), _ = jax.lax.scan(accumulate, zeros, micro)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    # A non-finite pass leaves parameters and optimizer state as they were; the loop then
+    # skips on or stops (train.on_nonfinite). The step counter still advances past the batch.
+    keep_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    return ((keep_finite(new_params, params), keep_finite(new_opt_state, opt_state)),
+            (loss, metric_sums, grad_norm, finite))
+
+  carry = (state.params, state.opt_state)
+  if objective.passes == 1:
+    (params, opt_state), (loss, metric_sums, grad_norm, finite) = update(carry, None)
   else:
-    micro = _microbatches(batch, grad_accum_steps)
-
-    def accumulate(carry, one):
-      return jax.tree.map(jnp.add, carry, grad_fn(state.params, one)), None
-    first = jax.tree.map(lambda x: x[0], micro)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(grad_fn, state.params, first))
-    ((loss, metric_sums), grads), _ = jax.lax.scan(accumulate, zeros, micro)
-
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  # A non-finite step leaves parameters and optimizer state as they were; the loop then
-  # skips on or stops (train.on_nonfinite). The step counter still advances past the batch.
-  keep_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-  new_state = TrainState(step=state.step + 1, params=keep_finite(params, state.params),
-                         opt_state=keep_finite(opt_state, state.opt_state),
+    (params, opt_state), per_pass = jax.lax.scan(update, carry, length=objective.passes)
+    loss, metric_sums, grad_norm, _ = jax.tree.map(jnp.mean, per_pass)
+    finite = jnp.all(per_pass[3])
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          skipped=state.skipped + (~finite).astype(jnp.int32))
   metrics = {
       "loss": loss,
       **{name: total / weight for name, total in metric_sums.items()},
       objective.weight_name: weight,
       "grad_norm": grad_norm,
-      "learning_rate": schedule(state.step),
+      "learning_rate": schedule(state.step * objective.passes),
       "nonfinite": ~finite,
       "skipped_steps": new_state.skipped,
   }

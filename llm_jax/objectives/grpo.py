@@ -1,0 +1,123 @@
+"""Group Relative Policy Optimization (Shao et al. 2024): the policy learns from its own
+answers, each judged against the other answers to the same prompt, with no value network.
+
+Each prompt of a step gets G completions (`llm_jax.objectives.rollouts`); their rewards r give
+each completion the advantage
+
+    A = (r - mean of its group) / (std of its group + ADVANTAGE_EPSILON)
+
+(the sample standard deviation, as TRL computes it). For each completion token, with ρ the
+ratio of its probability under the policy to that under the rollout policy,
+
+    loss = -min(ρ A, clip(ρ, 1 - ε, 1 + ε) A) + β k3,
+    k3 = e^(ref - log π) - (ref - log π) - 1
+
+k3 being Schulman's unbiased, positive estimator of KL(π || reference) at that token, `ref`
+the token's log-probability under the reference (the `train.init_from` model, frozen). The
+loss is summed over every completion token of the batch and divided by their number (losses
+normalised per token). A group whose rewards are all equal has A = 0: only its KL term moves
+the policy.
+
+With one pass per batch the rollout policy is the policy itself: its log-probabilities are the
+policy's own with the gradient stopped, so ρ is exactly 1 and the gradient is the plain
+policy gradient. With several passes (μ), they are computed once, before the first update, in
+the step's `prepare`, as are the reference's.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from llm_jax import checkpoint, config as config_lib, sharding
+from llm_jax.distributed import log
+from llm_jax.model import ModelConfig, Transformer
+from llm_jax.objectives import Objective
+
+ADVANTAGE_EPSILON = 1e-4
+_TOKENS = ("batch", "length")
+BATCH = {"inputs": ("int32", _TOKENS), "targets": ("int32", _TOKENS),
+         "weights": ("float32", _TOKENS), "advantages": ("float32", ("batch",))}
+
+
+def group_advantages(rewards: np.ndarray, group_size: int) -> np.ndarray:
+  """Each reward's advantage within its group: rows [g * G, (g + 1) * G) answer one prompt."""
+  groups = np.asarray(rewards, np.float64).reshape(-1, group_size)
+  centred = groups - groups.mean(axis=1, keepdims=True)
+  return (centred / (groups.std(axis=1, ddof=1, keepdims=True) + ADVANTAGE_EPSILON)
+          ).reshape(-1).astype(np.float32)
+
+
+def token_log_probs(model, params, batch):
+  """[B, T] log-probability of each target token under `params`."""
+  logits = model.apply({"params": params}, batch["inputs"]).astype(jnp.float32)
+  return -optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+
+
+def token_losses(log_probs, old_log_probs, ref_log_probs, advantages_B, *, epsilon: float,
+                 beta: float):
+  """Per-token (loss, k3 KL or None, clipped) [B, T] of the formula in the module docstring;
+  `clipped` marks tokens whose clipped term is the one taken and does not depend on the
+  policy (ratio past 1 + ε with A > 0, or below 1 - ε with A < 0): they give no gradient."""
+  ratio = jnp.exp(log_probs - old_log_probs)
+  advantages = advantages_B[:, None]
+  losses = -jnp.minimum(ratio * advantages,
+                        jnp.clip(ratio, 1 - epsilon, 1 + epsilon) * advantages)
+  clipped = (((ratio > 1 + epsilon) & (advantages > 0)) |
+             ((ratio < 1 - epsilon) & (advantages < 0)))
+  if ref_log_probs is None:
+    return losses, None, clipped
+  log_ratio = ref_log_probs - log_probs
+  kl = jnp.exp(log_ratio) - log_ratio - 1
+  return losses + beta * kl, kl, clipped
+
+
+def _summed_loss(model, params, batch, frozen=None, *, epsilon: float, beta: float):
+  del frozen  # the reference's log-probabilities arrive in the batch (`_prepare`)
+  log_probs = token_log_probs(model, params, batch)
+  old = batch.get("old_log_probs", jax.lax.stop_gradient(log_probs))
+  losses, kl, clipped = token_losses(log_probs, old, batch.get("ref_log_probs"),
+                                     batch["advantages"], epsilon=epsilon, beta=beta)
+  weights = batch["weights"]
+  metrics = {"clip_fraction": jnp.sum(clipped * weights)}
+  if kl is not None:
+    metrics["kl"] = jnp.sum(kl * weights)
+  return jnp.sum(losses * weights), metrics
+
+
+def _prepare(model, params, batch, frozen, *, passes: int):
+  """The reference's (frozen) and, with several passes, the rollout policy's log-probabilities,
+  once per step before any update."""
+  batch = dict(batch)
+  if frozen is not None:
+    batch["ref_log_probs"] = jax.lax.stop_gradient(token_log_probs(model, frozen, batch))
+  if passes > 1:
+    batch["old_log_probs"] = jax.lax.stop_gradient(token_log_probs(model, params, batch))
+  return batch
+
+
+def completion_tokens(batch):
+  return jnp.sum(batch["weights"])
+
+
+def grpo_objective(epsilon: float = 0.2, beta: float = 0.04, passes: int = 1) -> Objective:
+  """GRPO's objective; with `beta` > 0 the step's frozen input is the reference's
+  parameters (`reference_parameters`)."""
+  needs_prepare = beta > 0 or passes > 1
+  return Objective(name="grpo", loss=functools.partial(_summed_loss, epsilon=epsilon, beta=beta),
+                   weight=completion_tokens, batch=BATCH, weight_name="completion_tokens",
+                   prepare=functools.partial(_prepare, passes=passes) if needs_prepare else None,
+                   passes=passes)
+
+
+def reference_parameters(config):
+  """`frozen(mesh, init_from)` for the loop: the parameters of the checkpoint the run starts
+  (or started) from, on the run's mesh."""
+  def load(mesh, init_from: str):
+    init = checkpoint.open_init_source(init_from, log)
+    model = Transformer(ModelConfig.from_config(config_lib.resolve(config).model))
+    log(f"Reference for the KL penalty: {init.location}")
+    return init.checkpointer.restore_params(init.step, sharding.abstract_params(model, mesh))
+  return load

@@ -1,0 +1,204 @@
+"""What judges a completion in RL: `rl.reward`, Python functions and reward models, weighed.
+
+`rl.reward` is one judge or several, `;`-separated, each optionally `=WEIGHT` (default 1):
+
+    mytask.rewards:exact_answer                      a function of an importable module
+    experiments/rl/rewards.py:exact_answer           a function of a Python file
+    runs/rm                                          a reward model (`configs/posttrain.py:reward`)
+    mytask.rewards:exact_answer=1; runs/rm=0.5       the weighted sum of both
+
+A function is called as `function(prompt, completion, **fields)` with the prompt as its data
+line gives it (a string or a list of messages), the completion's text (without its end of
+turn) and the line's other fields; it returns a number. Modules are imported with the current
+directory on the path, as `python -m` does. Every process of a multi-process run calls the
+functions on every completion, so they must not depend on the process.
+
+A reward model scores the prompt and completion through its own tokenizer and chat template,
+at the completion's last token, as it was trained (`llm_jax.objectives.reward`).
+
+A function that raises or returns something that is not a finite number stops the run with a
+message naming the prompt and the function (`rl.reward_errors=stop`), or is scored 0 and
+counted (`zero`); so is a completion too long for a reward model's context.
+"""
+
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import math
+import os
+import pathlib
+import sys
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm_jax import checkpoint, config as config_lib, sharding
+from llm_jax.data import chat_template
+from llm_jax.data.tokenizer import tokenizer_from_bytes
+from llm_jax.distributed import log
+from llm_jax.errors import UserError
+from llm_jax.model import ModelConfig, Transformer
+
+_FORMS = ("give 'module:function', 'path/to/file.py:function' or a reward-model run directory, "
+          "several as 'A=2; B=1'")
+
+
+class _Failed(Exception):
+  """A completion its judge could not score; the message says why."""
+
+
+@dataclasses.dataclass
+class Judge:
+  """Scores completions: `scorers` (name, weight, score(records, completions) -> [R] with NaN
+  where a completion could not be scored, and why in `problems`)."""
+  scorers: list[tuple[str, float, Callable]]
+  on_error: str  # 'stop' or 'zero'
+
+  def __call__(self, records: list[dict], completions: list[str]
+               ) -> tuple[np.ndarray, dict[str, float]]:
+    """(the weighted reward [R] of completion i answering records[i], metrics: each scorer's
+    mean when there are several, and `reward_errors` under rl.reward_errors=zero)."""
+    total, metrics, errors = np.zeros(len(completions)), {}, 0
+    for name, weight, score in self.scorers:
+      values = score(records, completions)
+      failed = ~np.isfinite(values)
+      errors += int(failed.sum())
+      values = np.where(failed, 0.0, values)
+      total += weight * values
+      if len(self.scorers) > 1:
+        metrics[f"reward_{name}"] = float(values.mean())
+    if self.on_error == "zero":
+      metrics["reward_errors"] = errors
+    return total, metrics
+
+
+def _fail(on_error: str, judge: str, record: dict, why: str) -> float:
+  if on_error == "zero":
+    return math.nan
+  prompt = record["given"] if isinstance(record["given"], str) else record["prompt"][-1]["content"]
+  raise UserError(f"The reward {judge} {why} for the prompt {prompt[:200]!r}; fix it, or set "
+                  "--config.rl.reward_errors=zero to score such completions 0 and count them.")
+
+
+def _import_function(spec: str, entry: str) -> Callable:
+  location, _, name = spec.rpartition(":")
+  try:
+    if location.endswith(".py"):
+      path = pathlib.Path(location).expanduser()
+      if not path.is_file():
+        raise UserError(f"rl.reward={entry!r}: {path} is not a file; {_FORMS}.")
+      module_spec = importlib.util.spec_from_file_location(path.stem, path)
+      module = importlib.util.module_from_spec(module_spec)
+      module_spec.loader.exec_module(module)
+    else:
+      if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+      module = importlib.import_module(location)
+  except UserError:
+    raise
+  except Exception as error:  # noqa: BLE001 - any failure of the user's module is theirs
+    raise UserError(f"rl.reward={entry!r}: importing {location} failed with "
+                    f"{type(error).__name__}: {error}; fix the module or the name.") from None
+  function = getattr(module, name, None)
+  if not callable(function):
+    raise UserError(f"rl.reward={entry!r}: {location} has no function {name!r}; {_FORMS}.")
+  return function
+
+
+def _function_scorer(function: Callable, name: str, on_error: str) -> Callable:
+  def score(records, completions):
+    values = np.zeros(len(completions))
+    for i, (record, completion) in enumerate(zip(records, completions)):
+      try:
+        value = function(record["given"], completion, **record["fields"])
+      except Exception as error:  # noqa: BLE001 - reported as the user's function failing
+        values[i] = _fail(on_error, name, record, f"raised {type(error).__name__}: {error}")
+        continue
+      try:
+        values[i] = float(value)
+      except (TypeError, ValueError):
+        values[i] = math.nan
+      if not math.isfinite(values[i]):
+        values[i] = _fail(on_error, name, record, f"returned {value!r}, not a finite number")
+    return values
+  return score
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _scores_at(params, inputs_BT, index_B, *, model):
+  rewards_BT = model.apply({"params": params}, inputs_BT)
+  return jnp.take_along_axis(rewards_BT, index_B[:, None], axis=1)[:, 0]
+
+
+def _model_scorer(run: pathlib.Path, entry: str, on_error: str, mesh_config) -> Callable:
+  init = checkpoint.open_init_source(run, log)
+  if not init.config.model.get("reward_head", False):
+    raise UserError(f"rl.reward={entry!r}: {run} is a language model, not a reward model; "
+                    "train one with --config configs/posttrain.py:reward.")
+  mesh = sharding.make_mesh(mesh_config)
+  model = Transformer(ModelConfig.from_config(config_lib.resolve(init.config).model))
+  params = init.checkpointer.restore_params(init.step, sharding.abstract_params(model, mesh))
+  chat_format = chat_template.chat_format(tokenizer_from_bytes(init.tokenizer))
+  context = model.config.context_length
+  log(f"Reward model {init.location}")
+
+  def score(records, completions):
+    values = np.zeros(len(completions))
+    inputs = np.zeros((len(completions), context), np.int32)
+    index = np.zeros(len(completions), np.int32)
+    for i, (record, completion) in enumerate(zip(records, completions)):
+      ids, mask = chat_format.encode(
+          record["prompt"] + [{"role": "assistant", "content": completion}])
+      if len(ids) > context:
+        values[i] = _fail(on_error, str(run), record,
+                          f"cannot read {len(ids)} tokens in its context of {context}")
+        continue
+      inputs[i, :len(ids)], index[i] = ids, np.flatnonzero(mask)[-1]
+    with sharding.activate(mesh):
+      scores = np.asarray(jax.device_get(_scores_at(params, inputs, index, model=model)))
+    return np.where(np.isnan(values), values, scores)
+  return score
+
+
+def _entries(spec: str) -> list[tuple[str, float, str]]:
+  """(judge, weight, entry as written) of each `;`-separated entry of `rl.reward`."""
+  entries = []
+  for entry in filter(None, (e.strip() for e in spec.split(";"))):
+    what, sep, weight_text = entry.rpartition("=")
+    if not sep:
+      what, weight_text = entry, "1"
+    try:
+      weight = float(weight_text)
+    except ValueError:
+      weight = math.nan
+    if not math.isfinite(weight):
+      raise UserError(f"rl.reward entry {entry!r} has a weight that is not a number; {_FORMS}.")
+    entries.append((what.strip(), weight, entry))
+  if not entries:
+    raise UserError(f"rl.reward is empty; {_FORMS}.")
+  return entries
+
+
+def judge(rl_config, mesh_config) -> Judge:
+  """The judge `rl.reward` names, every function imported and reward model loaded, or one
+  sentence saying which entry cannot be."""
+  scorers = []
+  for spec, weight, entry in _entries(rl_config.reward):
+    path = pathlib.Path(spec).expanduser()
+    if path.is_dir():
+      if not (path / "checkpoints").is_dir():
+        raise UserError(f"rl.reward={entry!r}: {path} is a directory but not a run (it has no "
+                        "checkpoints/); point it at a reward model's --workdir.")
+      scorers.append((path.name, weight,
+                      _model_scorer(path, entry, rl_config.reward_errors, mesh_config)))
+    elif ":" in spec and spec.rpartition(":")[2].isidentifier():
+      name = spec.rpartition(":")[2]
+      scorers.append((name, weight, _function_scorer(
+          _import_function(spec, entry), name, rl_config.reward_errors)))
+    else:
+      raise UserError(f"rl.reward={entry!r} is neither a function nor a run directory; "
+                      f"{_FORMS}.")
+  return Judge(scorers, rl_config.reward_errors)
