@@ -84,6 +84,15 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, shardings=None
       if shardings is None or k in shardings}
 
 
+def to_host(x) -> np.ndarray:
+  """The whole value of a global array on every process (gathered when other processes hold
+  parts of it)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # only multi-process runs need it
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def logical_params(model):
   """(abstract parameters, their logical PartitionSpecs) of a model; nothing is allocated."""
   def init(rng):

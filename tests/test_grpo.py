@@ -17,6 +17,7 @@ from llm_jax.distributed import log
 from llm_jax.errors import UserError
 from llm_jax.objectives import grpo, rewards
 from llm_jax.objectives import rollouts as rollouts_lib
+from llm_jax.objectives.configured import configured
 from llm_jax.objectives.rollouts import grpo_batches
 from llm_jax.run import load_run
 from llm_jax.train import builder
@@ -217,10 +218,17 @@ def test_rollouts_compile_once_and_prompts_that_do_not_fit_are_counted(base, tas
       sizes.append(generate_lib._generate._cache_size())
   assert sizes[1:] == [sizes[0]] * 3
   assert rows["inputs"].shape == (16, 64) and rows["advantages"].shape == (16,)
-  # The completion's targets follow the prompt's ids: the first weighted target is the first
-  # new token, the input after the prompt.
-  first = np.argmax(rows["weights"] > 0, axis=1)
-  assert np.all(rows["targets"][np.arange(16), first] == rows["inputs"][np.arange(16), first + 1])
+  # Each row's targets are its completion: from the token after the prompt's assistant header
+  # to the end of turn, or 8 tokens when it has none.
+  header_end = batches.chat_format.prompt_tail([{"role": "user", "content": "x"}])[-1]
+  stop = batches.chat_format.stop_id
+  for inputs, targets, weights in zip(rows["inputs"], rows["targets"], rows["weights"]):
+    weighted = np.flatnonzero(weights)
+    first, last = weighted[0], weighted[-1]
+    assert np.array_equal(weighted, np.arange(first, last + 1)) and inputs[first] == header_end
+    completion = targets[first:last + 1].tolist()
+    assert completion[-1] == stop or len(completion) == 8
+    assert stop not in completion[:-1] and np.all(inputs[last + 2:] == 0)
 
 
 def test_resume_draws_what_an_uninterrupted_run_draws(base, task, tmp_path, monkeypatch):
@@ -250,8 +258,7 @@ def _two_steps(config, base, devices, workdir):
   """Two GRPO steps on a mesh over `devices`: (metrics of each, final parameters)."""
   resolved = config_lib.resolve(config)
   mesh = sharding.make_mesh(config.mesh, devices)
-  objective, batch_source, frozen = grpo.grpo_objective(passes=2), grpo_batches, \
-      grpo.reference_parameters(config)
+  objective, batch_source, frozen = configured(config)
   reference = frozen(mesh, str(base))
   built = builder.build(resolved, mesh, objective,
                         jax.tree.map(lambda x: x.sharding, reference))
@@ -271,8 +278,11 @@ def _two_steps(config, base, devices, workdir):
 def test_a_sharded_run_equals_one_device(base, task, tmp_path):
   one, one_params = _two_steps(_grpo(base, task, "mesh.fsdp=1", "rl.passes=2"), base,
                                jax.devices()[:1], tmp_path / "one")
+  # Sharded and in two microbatches: the reference's and the rollout policy's log-probabilities
+  # are prepared a microbatch at a time, and must land on their own rows.
   many, many_params = _two_steps(_grpo(base, task, "mesh.fsdp=4", "mesh.tensor=2",
-                                       "rl.passes=2"), base, jax.devices(), tmp_path / "many")
+                                       "rl.passes=2", "train.grad_accum_steps=2"), base,
+                                 jax.devices(), tmp_path / "many")
   for a, b in zip(one, many):
     assert a["reward_mean"] == b["reward_mean"] and a["completion_length"] == \
         b["completion_length"]
@@ -334,6 +344,8 @@ def test_a_reward_model_judges_as_it_scores(base, task, tmp_path):
   run = load_run(rm)
   expected = [0.5 * run.reward("say a", "good a"), 0.5 * run.reward("say b", "bad b")]
   np.testing.assert_allclose(total, expected, rtol=1e-4, atol=1e-6)
+  one_checkpoint, _ = _judge(task, f"{rm}/checkpoints/3")(records, ["good a", "bad b"])
+  np.testing.assert_allclose(one_checkpoint, 2 * total, rtol=1e-6)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -21,6 +21,6 @@ def configured(config) -> tuple[Objective, Callable, Callable | None]:
   if o.name == "dpo":
     return dpo_objective(o.dpo_beta), dpo_batches, None
   if o.name == "grpo":
-    return (grpo_objective(r.clip_epsilon, r.kl_beta, r.passes), grpo_batches,
+    return (grpo_objective(r.clip_epsilon, r.kl_beta, r.passes, r.temperature), grpo_batches,
             reference_parameters(config) if r.kl_beta > 0 else None)
   return NEXT_TOKEN, text_batches, None

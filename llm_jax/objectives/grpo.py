@@ -18,6 +18,10 @@ loss is summed over every completion token of the batch and divided by their num
 normalised per token). A group whose rewards are all equal has A = 0: only its KL term moves
 the policy.
 
+Log-probabilities are those of the distribution the rollouts are sampled from, the logits
+divided by `rl.temperature` (as TRL does; `rl.top_p`'s truncation is not modelled), for the
+policy, the rollout policy and the reference alike.
+
 With one pass per batch the rollout policy is the policy itself: its log-probabilities are the
 policy's own with the gradient stopped, so ρ is exactly 1 and the gradient is the plain
 policy gradient. With several passes (μ), they are computed once, before the first update, in
@@ -50,9 +54,10 @@ def group_advantages(rewards: np.ndarray, group_size: int) -> np.ndarray:
           ).reshape(-1).astype(np.float32)
 
 
-def token_log_probs(model, params, batch):
-  """[B, T] log-probability of each target token under `params`."""
-  logits = model.apply({"params": params}, batch["inputs"]).astype(jnp.float32)
+def token_log_probs(model, params, batch, temperature: float = 1.0):
+  """[B, T] log-probability of each target token under `params`, of the distribution the
+  rollouts sample from: softmax(logits / temperature)."""
+  logits = model.apply({"params": params}, batch["inputs"]).astype(jnp.float32) / temperature
   return -optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
 
 
@@ -74,9 +79,10 @@ def token_losses(log_probs, old_log_probs, ref_log_probs, advantages_B, *, epsil
   return losses + beta * kl, kl, clipped
 
 
-def _summed_loss(model, params, batch, frozen=None, *, epsilon: float, beta: float):
+def _summed_loss(model, params, batch, frozen=None, *, epsilon: float, beta: float,
+                 temperature: float):
   del frozen  # the reference's log-probabilities arrive in the batch (`_prepare`)
-  log_probs = token_log_probs(model, params, batch)
+  log_probs = token_log_probs(model, params, batch, temperature)
   old = batch.get("old_log_probs", jax.lax.stop_gradient(log_probs))
   losses, kl, clipped = token_losses(log_probs, old, batch.get("ref_log_probs"),
                                      batch["advantages"], epsilon=epsilon, beta=beta)
@@ -87,14 +93,16 @@ def _summed_loss(model, params, batch, frozen=None, *, epsilon: float, beta: flo
   return jnp.sum(losses * weights), metrics
 
 
-def _prepare(model, params, batch, frozen, *, passes: int):
+def _prepare(model, params, batch, frozen, *, passes: int, temperature: float):
   """The reference's (frozen) and, with several passes, the rollout policy's log-probabilities,
   once per step before any update."""
   batch = dict(batch)
   if frozen is not None:
-    batch["ref_log_probs"] = jax.lax.stop_gradient(token_log_probs(model, frozen, batch))
+    batch["ref_log_probs"] = jax.lax.stop_gradient(
+        token_log_probs(model, frozen, batch, temperature))
   if passes > 1:
-    batch["old_log_probs"] = jax.lax.stop_gradient(token_log_probs(model, params, batch))
+    batch["old_log_probs"] = jax.lax.stop_gradient(
+        token_log_probs(model, params, batch, temperature))
   return batch
 
 
@@ -102,14 +110,16 @@ def completion_tokens(batch):
   return jnp.sum(batch["weights"])
 
 
-def grpo_objective(epsilon: float = 0.2, beta: float = 0.04, passes: int = 1) -> Objective:
-  """GRPO's objective; with `beta` > 0 the step's frozen input is the reference's
-  parameters (`reference_parameters`)."""
+def grpo_objective(epsilon: float = 0.2, beta: float = 0.04, passes: int = 1,
+                   temperature: float = 1.0) -> Objective:
+  """GRPO's objective for rollouts sampled at `temperature`; with `beta` > 0 the step's frozen
+  input is the reference's parameters (`reference_parameters`)."""
   needs_prepare = beta > 0 or passes > 1
-  return Objective(name="grpo", loss=functools.partial(_summed_loss, epsilon=epsilon, beta=beta),
+  prepare = functools.partial(_prepare, passes=passes, temperature=temperature)
+  return Objective(name="grpo", loss=functools.partial(_summed_loss, epsilon=epsilon, beta=beta,
+                                                       temperature=temperature),
                    weight=completion_tokens, batch=BATCH, weight_name="completion_tokens",
-                   prepare=functools.partial(_prepare, passes=passes) if needs_prepare else None,
-                   passes=passes)
+                   prepare=prepare if needs_prepare else None, passes=passes)
 
 
 def reference_parameters(config):

@@ -65,6 +65,9 @@ class Judge:
     for name, weight, score in self.scorers:
       values = score(records, completions)
       failed = ~np.isfinite(values)
+      if failed.any() and self.on_error == "stop":  # a reward model's score overflowed
+        _fail("stop", name, records[int(np.argmax(failed))], "scored a completion "
+              f"{values[failed][0]}, not a finite number")
       errors += int(failed.sum())
       values = np.where(failed, 0.0, values)
       total += weight * values
@@ -158,7 +161,7 @@ def _model_scorer(run: pathlib.Path, entry: str, on_error: str, mesh_config) -> 
         continue
       inputs[i, :len(ids)], index[i] = ids, np.flatnonzero(mask)[-1]
     with sharding.activate(mesh):
-      scores = np.asarray(jax.device_get(_scores_at(params, inputs, index, model=model)))
+      scores = sharding.to_host(_scores_at(params, inputs, index, model=model))
     return np.where(np.isnan(values), values, scores)
   return score
 
@@ -167,13 +170,13 @@ def _entries(spec: str) -> list[tuple[str, float, str]]:
   """(judge, weight, entry as written) of each `;`-separated entry of `rl.reward`."""
   entries = []
   for entry in filter(None, (e.strip() for e in spec.split(";"))):
-    what, sep, weight_text = entry.rpartition("=")
-    if not sep:
-      what, weight_text = entry, "1"
-    try:
-      weight = float(weight_text)
-    except ValueError:
-      weight = math.nan
+    what, weight = entry, 1.0
+    head, sep, tail = entry.rpartition("=")
+    if sep:
+      try:
+        what, weight = head, float(tail)
+      except ValueError:
+        pass  # an '=' that is part of a path or name
     if not math.isfinite(weight):
       raise UserError(f"rl.reward entry {entry!r} has a weight that is not a number; {_FORMS}.")
     entries.append((what.strip(), weight, entry))
@@ -189,16 +192,19 @@ def judge(rl_config, mesh_config) -> Judge:
   for spec, weight, entry in _entries(rl_config.reward):
     path = pathlib.Path(spec).expanduser()
     if path.is_dir():
-      if not (path / "checkpoints").is_dir():
+      checkpoint_dir = path.parent.name == "checkpoints" and path.name.isdigit()
+      if not ((path / "checkpoints").is_dir() or checkpoint_dir):
         raise UserError(f"rl.reward={entry!r}: {path} is a directory but not a run (it has no "
                         "checkpoints/); point it at a reward model's --workdir.")
-      scorers.append((path.name, weight,
-                      _model_scorer(path, entry, rl_config.reward_errors, mesh_config)))
+      name = path.parent.parent.name if checkpoint_dir else path.name
+      score = _model_scorer(path, entry, rl_config.reward_errors, mesh_config)
     elif ":" in spec and spec.rpartition(":")[2].isidentifier():
       name = spec.rpartition(":")[2]
-      scorers.append((name, weight, _function_scorer(
-          _import_function(spec, entry), name, rl_config.reward_errors)))
+      score = _function_scorer(_import_function(spec, entry), name, rl_config.reward_errors)
     else:
       raise UserError(f"rl.reward={entry!r} is neither a function nor a run directory; "
                       f"{_FORMS}.")
+    if any(name == other for other, _, _ in scorers):  # each its own metric
+      name = f"{name}_{len(scorers)}"
+    scorers.append((name, weight, score))
   return Judge(scorers, rl_config.reward_errors)

@@ -17,8 +17,9 @@ completion) and hands the loop its own rows.
 Metrics of each step (host side): `reward_mean`, `reward_std`, `zero_spread_groups` (the share
 of groups whose rewards are all equal: they give no policy gradient), `completion_length`,
 `truncated` (the share that reached the token limit), `rollout_tokens_per_sec`, and the split
-of the step's time: `generation_seconds`, `reward_seconds` and `update_seconds` (the train step
-before, waited for when the step's rollout starts). Evaluation answers up to `rl.eval_prompts`
+of the step's time: `generation_seconds`, `reward_seconds` and `update_seconds` (from the end
+of the rollout before to the moment its train step is done: the update, and on some steps the
+loop's evaluation or checkpoint). Evaluation answers up to `rl.eval_prompts`
 validation prompts greedily: `val_reward`, `val_completion_length`.
 """
 
@@ -26,9 +27,8 @@ import time
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
-from llm_jax import config as config_lib, generate
+from llm_jax import config as config_lib, generate, sharding
 from llm_jax.data import chat_template, prompts as prompts_lib, sources
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.data.batches import BatchSource
@@ -38,11 +38,6 @@ from llm_jax.errors import UserError
 from llm_jax.model import ModelConfig, Transformer
 from llm_jax.objectives import rewards as rewards_lib
 from llm_jax.objectives.grpo import group_advantages
-
-
-def _to_host(x) -> np.ndarray:
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True)
-                    if jax.process_count() > 1 else x)
 
 
 class Rollouts:
@@ -75,7 +70,7 @@ class Rollouts:
                             eos_id=self.chat_format.stop_id, samples=samples,
                             temperature=temperature, top_p=self.config.rl.top_p,
                             num_tokens=self.tokenizer.vocab_size)
-    return prompt_ids, _to_host(new)[:len(records) * samples]
+    return prompt_ids, sharding.to_host(new)[:len(records) * samples]
 
   def _completions(self, new_RS) -> tuple[list[list[int]], list[str]]:
     """Each row's completion ids (its end of turn kept, when it has one) and text."""

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from llm_jax import checkpoint, config as config_lib, flops, generate, hardware, paths, sharding
 from llm_jax.distributed import is_primary, log
 from llm_jax.errors import UserError
+from llm_jax.model import ModelConfig, Transformer
 from llm_jax.objectives.configured import configured
 from llm_jax.train import builder
 from llm_jax.train.metrics import MetricsWriter
@@ -220,16 +221,18 @@ def _train(config, workdir, requests, objective, batch_source, frozen) -> dict:
   log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices; "
       f"{flops.param_counts(m)['params'] / 1e6:.2f}M parameters; "
       f"{config_lib.describe_resolved(resolved)}")
-  pinned = previous_config.train.get("init_from", "") if previous_config is not None else ""
-  frozen = frozen(mesh, pinned or t.init_from) if frozen else None
-  built = builder.build(resolved, mesh, objective,
-                        None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen))
   directory = workdir / "checkpoints"
   init = None
   if t.init_from and not checkpoint.saved_steps(directory):
     init = checkpoint.open_init_source(t.init_from, log)
-    init.check_shapes(built.abstract_state().params, config)  # before anything is written
+    model = Transformer(ModelConfig.from_config(resolved.model))
+    init.check_shapes(sharding.abstract_params(model, mesh), config)  # before anything is written
+  # The batch source's own checks (an RL judge's) come before a frozen reference is loaded.
   batches = batch_source(config, workdir, init.tokenizer if init else None)
+  pinned = previous_config.train.get("init_from", "") if previous_config is not None else ""
+  frozen = frozen(mesh, pinned or t.init_from) if frozen else None
+  built = builder.build(resolved, mesh, objective,
+                        None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen))
   eval_batches = [built.global_batch(b) for b in batches.evaluation]
 
   def validate(params) -> dict[str, float]:

@@ -25,17 +25,26 @@ def _microbatches(batch, count: int):
   return jax.tree.map(split, batch)
 
 
+def _whole(micro):
+  """The batch `_microbatches` split, back in its row order."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), micro)
+
+
 def train_step(state: TrainState, batch, frozen, *, objective, model, tx, schedule,
                grad_accum_steps: int):
   """(new state, metrics): `loss`, the objective's metrics and weight, `grad_norm`,
   `learning_rate`, `nonfinite` and `skipped_steps`.
 
   An objective of several `passes` makes that many updates on the batch (the metrics are
-  their means; a pass with a non-finite loss or gradient leaves the parameters as they were);
-  the step counter advances by one, the optimizer's schedule by `passes`.
+  their means; a non-finite loss or gradient in any pass leaves the state as it was before
+  the first); the step counter advances by one, the optimizer's schedule by `passes`.
+  `prepare` runs once per step, a microbatch at a time under gradient accumulation.
   """
   if objective.prepare is not None:
-    batch = objective.prepare(model, state.params, batch, frozen)
+    def prepare(micro):
+      return objective.prepare(model, state.params, micro, frozen)
+    batch = (prepare(batch) if grad_accum_steps == 1 else
+             _whole(jax.lax.map(prepare, _microbatches(batch, grad_accum_steps))))
   weight = jnp.maximum(objective.weight(batch), 1.0)
 
   def loss_fn(params, micro):
@@ -59,12 +68,8 @@ def train_step(state: TrainState, batch, frozen, *, objective, model, tx, schedu
       ((loss, metric_sums), grads), _ = jax.lax.scan(accumulate, zeros, micro)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    # A non-finite pass leaves parameters and optimizer state as they were; the loop then
-    # skips on or stops (train.on_nonfinite). The step counter still advances past the batch.
-    keep_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-    return ((keep_finite(new_params, params), keep_finite(new_opt_state, opt_state)),
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return ((optax.apply_updates(params, updates), opt_state),
             (loss, metric_sums, grad_norm, finite))
 
   carry = (state.params, state.opt_state)
@@ -74,7 +79,11 @@ def train_step(state: TrainState, batch, frozen, *, objective, model, tx, schedu
     (params, opt_state), per_pass = jax.lax.scan(update, carry, length=objective.passes)
     loss, metric_sums, grad_norm, _ = jax.tree.map(jnp.mean, per_pass)
     finite = jnp.all(per_pass[3])
-  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+  # A non-finite step leaves parameters and optimizer state as they were; the loop then skips
+  # on or stops (train.on_nonfinite). The step counter still advances past the batch.
+  keep_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+  new_state = TrainState(step=state.step + 1, params=keep_finite(params, state.params),
+                         opt_state=keep_finite(opt_state, state.opt_state),
                          skipped=state.skipped + (~finite).astype(jnp.int32))
   metrics = {
       "loss": loss,
