@@ -132,11 +132,15 @@ def _padded_prompts(model: Transformer, prompts: list[list[int]], max_new_tokens
     raise UserError(f"A prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
                     f"the context of {context} tokens; shorten the prompt or lower "
                     "max_new_tokens.")
-  prompt_BP = np.zeros((len(prompts), _bucket(longest, context)), np.int32)
+  return _right_padded(prompts, _bucket(longest, context))
+
+
+def _right_padded(prompts: list[list[int]], width: int):
+  """([B, width] ids of `prompts` padded with 0, their lengths [B])."""
+  prompt_BP = np.zeros((len(prompts), width), np.int32)
   for row, ids in enumerate(prompts):
     prompt_BP[row, :len(ids)] = ids
-  lengths_B = np.asarray([len(p) for p in prompts], np.int32)
-  return jnp.asarray(prompt_BP), jnp.asarray(lengths_B)
+  return jnp.asarray(prompt_BP), jnp.asarray([len(p) for p in prompts], jnp.int32)
 
 
 def _check_max_new_tokens(max_new_tokens: int) -> None:
@@ -170,13 +174,14 @@ def generate(params, model: Transformer, prompts: list[list[int]], max_new_token
   return [_until_eos(row[:max_new_tokens], eos_id) for row in np.asarray(out_RS).tolist()]
 
 
-def complete(params, model: Transformer, prompt_BP, lengths_B, key, max_new_tokens: int, *,
-             eos_id: int, samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-             num_tokens: int | None = None) -> jax.Array:
-  """[B * samples, max_new_tokens] new ids of right-padded prompts [B, P] (rows
+def complete(params, model: Transformer, prompts: list[list[int]], width: int, key,
+             max_new_tokens: int, *, eos_id: int, samples: int = 1, temperature: float = 1.0,
+             top_p: float = 1.0, num_tokens: int | None = None) -> jax.Array:
+  """[B * samples, max_new_tokens] new ids of the B `prompts`, each padded to `width` (rows
   prompt-major, `eos_id` after a row's end), for callers that ask the same shapes again and
-  again (RL rollouts): one program per shape of the prompts, `max_new_tokens` and `samples`,
-  with no bucketing and no checks (P + max_new_tokens must fit the context)."""
+  again (RL rollouts): one program per B, `width`, `max_new_tokens` and `samples`, with no
+  bucketing and no checks (width + max_new_tokens must fit the context)."""
+  prompt_BP, lengths_B = _right_padded(prompts, width)
   return _generate(params, prompt_BP, lengths_B, key, jnp.float32(temperature),
                    jnp.float32(top_p), jnp.int32(max_new_tokens), model=model,
                    max_steps=max_new_tokens, samples=samples, top_k=0, eos_id=eos_id,

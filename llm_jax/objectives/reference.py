@@ -121,7 +121,7 @@ def reference_log_probs(config, workdir: pathlib.Path, pairs: PreferencePairs
             chunk, pairs.chat_format, config.model.context_length, batch_size, len(chunk),
             **process):
           values = log_probs(params, sharding.global_batch(batch, mesh, shardings))
-          gathered = np.asarray(multihost_utils.process_allgather(values, tiled=True))
+          gathered = sharding.to_host(values)
           real = gathered[:start + len(chunk) - done]  # the last batch's padding left out
           result[split][done:done + len(real)] = real
           done += len(real)

@@ -61,11 +61,7 @@ class Rollouts:
     `prompts_per_step` prompts with copies of the first so every call has one shape."""
     prompt_ids = [prompts_lib.encode_prompt(self.chat_format, r) for r in records]
     padded = prompt_ids + [prompt_ids[0]] * (self.prompts_per_step - len(prompt_ids))
-    prompt_BP = np.zeros((len(padded), self.prompt_width), np.int32)
-    for row, ids in enumerate(padded):
-      prompt_BP[row, :len(ids)] = ids
-    lengths_B = np.asarray([len(ids) for ids in padded], np.int32)
-    new = generate.complete(params, self.model, prompt_BP, lengths_B, key,
+    new = generate.complete(params, self.model, padded, self.prompt_width, key,
                             self.config.rl.max_completion_tokens,
                             eos_id=self.chat_format.stop_id, samples=samples,
                             temperature=temperature, top_p=self.config.rl.top_p,
