@@ -1,5 +1,7 @@
 """KV-cache decoding against the full forward pass, and the samplers' defining properties."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,7 +26,7 @@ def _model(*overrides):
 @pytest.fixture(scope="module")
 def model_and_params():
   model = _model()
-  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   return model, params
 
 
@@ -44,8 +46,8 @@ def test_cached_decoding_equals_the_full_forward_pass(overrides, tolerance):
   than the context) gives the logits of the full forward pass."""
   model = _model(*overrides)
   tokens_BT = jax.random.randint(jax.random.key(1), (2, 20), 4, 512)
-  params = model.init(jax.random.key(0), tokens_BT)["params"]
-  full_BTV = model.apply({"params": params}, tokens_BT).astype(jnp.float32)
+  params = jax.jit(model.init)(jax.random.key(0), tokens_BT)["params"]
+  full_BTV = jax.jit(model.apply)({"params": params}, tokens_BT).astype(jnp.float32)
   decoding_model, decoding_params = generate_lib._for_decoding(model, params, slots=20)
   prefill = 7
   cached = jax.jit(lambda variables, tokens, positions: decoding_model.apply(
@@ -61,14 +63,18 @@ def test_cached_decoding_equals_the_full_forward_pass(overrides, tolerance):
                              atol=tolerance, rtol=tolerance)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model, params, tokens):
+  return model.apply({"params": params}, tokens)
+
+
 def _greedy_without_cache(model, params, prompt, steps):
   # Full forward passes over a context-sized buffer: causal, so the zeros after the last
   # real token change nothing at its position.
-  forward = jax.jit(lambda p, buffer: model.apply({"params": p}, buffer))
   buffer = np.zeros((1, model.config.context_length), np.int32)
   buffer[0, :len(prompt)] = prompt
   for t in range(len(prompt), len(prompt) + steps):
-    buffer[0, t] = int(jnp.argmax(forward(params, jnp.asarray(buffer))[0, t - 1]))
+    buffer[0, t] = int(jnp.argmax(_forward(model, params, jnp.asarray(buffer))[0, t - 1]))
   return buffer[0, len(prompt):len(prompt) + steps].tolist()
 
 
@@ -140,8 +146,11 @@ def test_bad_generation_options(model_and_params, kwargs, words):
 
 def _sequence_log_prob(model, params, prompt, new_tokens):
   """Total log-probability of `new_tokens` after `prompt`, from one uncached forward pass."""
-  tokens = jnp.asarray([prompt + new_tokens])
-  log_probs = jax.nn.log_softmax(model.apply({"params": params}, tokens)[0], axis=-1)
+  # Padded to the context, so that every call is one program; causal, so the padding after
+  # the last token changes nothing before it.
+  tokens = np.zeros((1, model.config.context_length), np.int32)
+  tokens[0, :len(prompt) + len(new_tokens)] = prompt + new_tokens
+  log_probs = np.asarray(jax.nn.log_softmax(_forward(model, params, tokens)[0], axis=-1))
   return float(sum(log_probs[len(prompt) - 1 + i, t] for i, t in enumerate(new_tokens)))
 
 

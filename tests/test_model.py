@@ -17,7 +17,7 @@ def _model(*overrides):
   c = tiny_config(*overrides)
   model = model_of(c)
   tokens = jnp.zeros((1, c.model.context_length), jnp.int32)
-  params = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
   return c, model, params
 
 
@@ -137,7 +137,7 @@ def _loss_and_grads(model, params, tokens):
     logits = model.apply({"params": p}, tokens)
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]),
                                          tokens[:, 1:, None], axis=-1))
-  return jax.value_and_grad(loss)(params)
+  return jax.jit(jax.value_and_grad(loss))(params)
 
 
 def _unstacked(params, num_layers):
@@ -196,10 +196,11 @@ def test_blocked_attention_equals_dense_attention_with_packing(block_size):
   def loss(model, p):
     return jnp.sum(model.apply({"params": p}, tokens, segments, positions)[..., :8] ** 2)
 
-  np.testing.assert_allclose(blocked.apply({"params": params}, tokens, segments, positions),
-                             dense.apply({"params": params}, tokens, segments, positions),
-                             atol=1e-5)
-  grads = [jax.grad(loss, argnums=1)(m, params) for m in (blocked, dense)]
+  logits = [jax.jit(m.apply)({"params": params}, tokens, segments, positions)
+            for m in (blocked, dense)]
+  np.testing.assert_allclose(*logits, atol=1e-5)
+  grads = [jax.jit(jax.grad(loss, argnums=1), static_argnums=0)(m, params)
+           for m in (blocked, dense)]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
       a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()), *grads)
 
@@ -263,7 +264,8 @@ def test_bf16_operands_model_stays_close_to_float32():
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]),
                                          tokens[:, 1:, None], axis=-1))
 
-  (loss16, grads16), (loss32, grads32) = [jax.value_and_grad(loss, argnums=1)(m, params)
+  loss_and_grads = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)
+  (loss16, grads16), (loss32, grads32) = [loss_and_grads(m, params)
                                           for m in (bf16_model, f32_model)]
   assert loss16 != loss32
   assert abs(loss16 - loss32) < 1e-2 * loss32
