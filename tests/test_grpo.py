@@ -23,7 +23,7 @@ from llm_jax.run import load_run
 from llm_jax.train import builder
 from llm_jax.train.loop import train
 
-from conftest import TINY_OVERRIDES, model_of, tiny_config
+from conftest import TINY_OVERRIDES, model_of, snapshot, tiny_config
 
 _TRAIN = [o for o in TINY_OVERRIDES if o.startswith("train.")]
 _REWARDS = '''
@@ -252,6 +252,11 @@ def test_resume_draws_what_an_uninterrupted_run_draws(base, task, tmp_path, monk
   assert a[4]["loss"] == pytest.approx(b[4]["loss"], rel=1e-5)
   params = [load_run(w).params for w in (whole, parts)]
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), *params)
+  # Another number of updates per step would stretch the schedule under the saved count.
+  before = snapshot(parts)
+  with pytest.raises(UserError, match="rl.passes=1"):
+    train(_grpo(base, task, "train.steps=6", "rl.passes=2"), parts)
+  assert snapshot(parts) == before
 
 
 def _two_steps(config, base, devices, workdir):

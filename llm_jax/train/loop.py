@@ -32,7 +32,8 @@ from llm_jax.train.metrics import MetricsWriter
 
 def check_workdir(config, workdir: pathlib.Path):
   """The config saved in `workdir` (None for a new one); refuses a workdir that is not a
-  directory or whose saved config describes a different model. Writes nothing."""
+  directory, whose saved config describes a different model, or (RL) made another number of
+  updates per step. Writes nothing."""
   paths.check_directory(workdir, "--workdir")
   saved = workdir / "config.json"
   if not saved.exists():
@@ -43,6 +44,11 @@ def check_workdir(config, workdir: pathlib.Path):
     raise UserError(f"{saved} is not a readable config; move the workdir aside or pass a "
                     "new --workdir.") from None
   _refuse_other_model(previous, config, str(workdir))
+  passes = previous.get("rl", {}).get("passes", 1)
+  if config.objective.name == "grpo" and config.rl.passes != passes:
+    raise UserError(f"{workdir} was trained with rl.passes={passes}, and its learning-rate "
+                    f"schedule counts updates; resume with --config.rl.passes={passes} or pass "
+                    "a new --workdir.")
   return previous
 
 
