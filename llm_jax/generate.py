@@ -44,29 +44,37 @@ def _decode_one(params, model: Transformer, cache, token_B, positions_B, num_tok
   return logits_B1V[:, 0, :num_tokens], cache
 
 
-def _for_decoding(model: Transformer, params, slots: int):
+def for_decoding(model: Transformer, params, slots: int):
   """The model and parameters a decode loop runs: the same computation, prepared once per
   call rather than once per step (XLA does not hoist loop-invariant work out of the loop).
 
   - The cache holds `slots` positions (the prompt width plus the steps, at most the
     context), not the whole context: attention reads every slot in every step.
-  - Matmul weights are cast to the dtype their matmuls take (`ModelConfig.matmul_dtype`), so a
-    step reads half the bytes and casts nothing. Under bfloat16 operands a tied embedding
-    stays float32 for the lookup, and a bfloat16 copy of it is the output head.
+  - Matmul weights wider than the dtype their matmuls take (`ModelConfig.matmul_dtype`:
+    float32 weights of a bfloat16 model or under bfloat16 operands) are narrowed to it, so a
+    step reads half the bytes and casts nothing, for a copy of half the parameters' size.
+    Under bfloat16 operands a tied float32 embedding stays for the lookup, and a bfloat16
+    copy of it is the output head. Nothing is widened: a copy would outweigh the weights.
   - Where the layer scan is unrolled anyway (CPU), each layer's parameters are arrays of
     their own, not sliced out of the stacked ones in every step.
   """
   c = model.config
   c = dataclasses.replace(c, context_length=min(slots, c.context_length))
   dtype = c.matmul_dtype
+
+  def narrowed(x):
+    return x.astype(dtype) if x.dtype.itemsize > dtype.itemsize else x
+
   params = dict(nn.meta.unbox(params))
   embedding = params.pop("embedding")
   params = jax.tree_util.tree_map_with_path(
-      lambda path, x: x.astype(dtype) if path[-1].key in MATMUL_WEIGHTS else x, params)
-  if c.tie_embeddings and dtype != c.dtype:
+      lambda path, x: narrowed(x) if path[-1].key in MATMUL_WEIGHTS else x, params)
+  if c.tie_embeddings and dtype == c.dtype:  # the lookup and the head take one dtype
+    embedding = narrowed(embedding)
+  elif c.tie_embeddings and embedding.dtype.itemsize > dtype.itemsize:
     params["lm_head"] = embedding.T.astype(dtype)
     c = dataclasses.replace(c, tie_embeddings=False)
-  params["embedding"] = embedding.astype(c.dtype)
+  params["embedding"] = embedding
   if c.scan_layers and c.scan_unroll == c.num_layers:
     stacked = params.pop("layers")
     for i in range(c.num_layers):
@@ -113,7 +121,7 @@ def _step(params, model, lengths_R, key, temperature, top_p, state, *, top_k, eo
                                              "num_tokens"))
 def _generate(params, prompt_BP, lengths_B, key, temperature, top_p, steps, *, model,
               max_steps, samples, top_k, eos_id, num_tokens):
-  model, params = _for_decoding(model, params, prompt_BP.shape[1] + max_steps)
+  model, params = for_decoding(model, params, prompt_BP.shape[1] + max_steps)
   state = _start(params, model, prompt_BP, lengths_B, samples, num_tokens)
   lengths_R = jnp.repeat(lengths_B, samples)
   step = functools.partial(_step, params, model, lengths_R, top_k=top_k, eos_id=eos_id,
@@ -219,7 +227,7 @@ def stream(params, model: Transformer, prompt: list[int], max_new_tokens: int, *
   sampling.check_options(temperature, top_k, top_p, model.config.vocab_size)
   _check_max_new_tokens(max_new_tokens)
   prompt_BP, lengths_B = _padded_prompts(model, [prompt], max_new_tokens)
-  model, params = _for_decoding(
+  model, params = for_decoding(
       model, params, prompt_BP.shape[1] + _bucket(max_new_tokens, model.config.context_length))
   state = _stream_start(params, prompt_BP, lengths_B, model=model, num_tokens=num_tokens)
   key, temperature, top_p = jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p)
@@ -250,7 +258,7 @@ def _length_normalised(log_prob, length, length_penalty):
 def _beam_search(params, prompt_BP, lengths_B, length_penalty, *, model, steps, beams, eos_id,
                  num_tokens):
   B, W = prompt_BP.shape[0], beams
-  model, params = _for_decoding(model, params, prompt_BP.shape[1] + steps)
+  model, params = for_decoding(model, params, prompt_BP.shape[1] + steps)
   cache, logits_BV = prefill(params, model, prompt_BP, lengths_B, num_tokens)
   cache = _reorder_rows(cache, jnp.repeat(jnp.arange(B), W))  # row b*W + w is beam w of b
   log_probs_BWV = jnp.repeat(jax.nn.log_softmax(logits_BV.astype(jnp.float32))[:, None], W, 1)

@@ -38,7 +38,7 @@ from llm_jax.model import ModelConfig, Transformer
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 MAX_SHARD_BYTES = 5 * 10**9
-DEFAULT_MAX_CONTEXT = 8192  # an import's context length unless asked: the KV cache's size
+DEFAULT_MAX_CONTEXT = 8192  # an import's context length unless asked: the KV cache's cap
 
 
 # --- the tensors --------------------------------------------------------------------------

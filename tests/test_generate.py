@@ -39,6 +39,8 @@ def model_and_params():
     # Weights cast once to bfloat16, the tied head a bfloat16 copy beside the float32 lookup:
     # the same roundings as the full pass, on activations that differ by float32 noise.
     (["model.matmul_precision=bfloat16"], 1e-5),
+    (["model.matmul_precision=bfloat16", "model.tie_embeddings=false"], 1e-5),
+    (["model.param_dtype=bfloat16"], 1e-5),  # bfloat16 weights are not widened
     (["model.dtype=bfloat16"], 5e-2),
 ])
 def test_cached_decoding_equals_the_full_forward_pass(overrides, tolerance):
@@ -48,7 +50,7 @@ def test_cached_decoding_equals_the_full_forward_pass(overrides, tolerance):
   tokens_BT = jax.random.randint(jax.random.key(1), (2, 20), 4, 512)
   params = jax.jit(model.init)(jax.random.key(0), tokens_BT)["params"]
   full_BTV = jax.jit(model.apply)({"params": params}, tokens_BT).astype(jnp.float32)
-  decoding_model, decoding_params = generate_lib._for_decoding(model, params, slots=20)
+  decoding_model, decoding_params = generate_lib.for_decoding(model, params, slots=20)
   prefill = 7
   cached = jax.jit(lambda variables, tokens, positions: decoding_model.apply(
       variables, tokens, None, positions, decode=True, mutable=["cache"]))
@@ -66,6 +68,24 @@ def test_cached_decoding_equals_the_full_forward_pass(overrides, tolerance):
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(model, params, tokens):
   return model.apply({"params": params}, tokens)
+
+
+@pytest.mark.parametrize("overrides, kept, lookup", [
+    # The float32 embedding stays for the lookup beside the output head's bfloat16 copy.
+    (["model.matmul_precision=bfloat16"], "bfloat16", "float32"),
+    (["model.dtype=bfloat16"], "bfloat16", "bfloat16"),
+    (["model.param_dtype=bfloat16"], "bfloat16", "bfloat16"),  # float32 copies would triple it
+    ([], "float32", "float32"),
+])
+def test_decoding_reads_each_weight_in_its_matmul_dtype_and_widens_none(overrides, kept,
+                                                                        lookup):
+  model = _model(*overrides)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  _, prepared = generate_lib.for_decoding(model, params, slots=16)
+  dtypes = {jax.tree_util.keystr(path): x.dtype for path, x in
+            jax.tree_util.tree_leaves_with_path(prepared) if x.ndim > 1}
+  assert dtypes.pop("['embedding']") == jnp.dtype(lookup)
+  assert set(dtypes.values()) == {jnp.dtype(kept)}, dtypes
 
 
 def _greedy_without_cache(model, params, prompt, steps):
@@ -271,10 +291,16 @@ def test_top_p_keeps_ties_at_the_edge_together():
 
 
 def test_top_p_rows_left_after_the_last_round_take_their_most_likely_token(monkeypatch):
-  monkeypatch.setattr(sampling, "NUCLEUS_ROUNDS", 0)
-  logits_BV = jax.random.normal(jax.random.key(4), (6, 50))
-  np.testing.assert_array_equal(
-      sampling.top_p_categorical(jax.random.key(0), logits_BV, 0.9), sampling.greedy(logits_BV))
+  monkeypatch.setattr(sampling, "NUCLEUS_ROUNDS", 1)
+  # Flat rows: every token is in the nucleus, so the first draw is kept, whatever it is.
+  # Rows with one token of 2% ahead of 49 others: the nucleus of p = 0.01 is that token alone,
+  # and a first draw mostly lands outside it.
+  flat_V = jnp.zeros(50)
+  ahead_V = jnp.zeros(50).at[7].set(0.02)
+  logits_BV = jnp.stack([flat_V, ahead_V] * 16)
+  drawn = np.asarray(sampling.top_p_categorical(jax.random.key(0), logits_BV, 0.01))
+  assert set(drawn[1::2].tolist()) == {7}  # kept, or left after the round and given the top
+  assert len(set(drawn[::2].tolist())) > 1  # the flat rows kept their own draws
 
 
 def test_draws_across_blocks_of_a_large_vocabulary_match_the_distribution():
@@ -292,6 +318,17 @@ def test_top_k_never_leaves_the_k_most_likely():
   logits = jax.random.normal(jax.random.key(1), (50,)) * 2
   drawn = set(_draws(logits, 2000, temperature=2.0, top_k=5).tolist())
   assert drawn <= set(np.argsort(-np.asarray(logits))[:5].tolist()) and len(drawn) > 1
+
+
+def test_top_k_then_top_p_draws_from_the_nucleus_of_the_k_most_likely():
+  logits = jax.random.normal(jax.random.key(5), (50,)) * 2
+  k, p = 10, 0.6
+  top = np.argsort(-np.asarray(logits))[:k]
+  probs = np.exp(np.asarray(logits)[top] - float(logits.max()))
+  probs /= probs.sum()  # renormalised over the k: what top-p sees
+  nucleus = top[:int(np.searchsorted(np.cumsum(probs), p)) + 1]
+  drawn = set(_draws(logits, 2000, temperature=1.0, top_k=k, top_p=p).tolist())
+  assert drawn <= set(nucleus.tolist()) and len(drawn) > 1
 
 
 def test_top_p_never_leaves_the_smallest_set_reaching_p():

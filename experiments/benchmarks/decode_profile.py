@@ -35,11 +35,14 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=30)
   parser.add_argument("--top", type=int, default=20, help="ops to print")
   args, overrides = parser.parse_known_args()
+  if args.slots <= args.prompt:
+    parser.error(f"--slots={args.slots} leaves no room after a --prompt of {args.prompt} "
+                 "tokens; give more slots than prompt tokens.")
   config = config_lib.resolve(config_lib.load_config(
       args.config, [o.removeprefix("--") for o in overrides]))
   model = Transformer(ModelConfig.from_config(config.model))
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-  model, params = generate._for_decoding(model, params, args.slots)
+  model, params = generate.for_decoding(model, params, args.slots)
   prompts = jnp.asarray(np.random.default_rng(0).integers(
       0, config.model.vocab_size, (args.batch, args.prompt)), jnp.int32)
   lengths = jnp.full((args.batch,), args.prompt, jnp.int32)
