@@ -210,13 +210,13 @@ class Attention(nn.Module):
     B, K, S, H = k_BTKH.shape[0], c.num_kv_heads, c.context_length, c.head_dim
     rows_B1 = jnp.arange(B)[:, None]
     caches = []
-    for name, new_BTKH, shape, axes in (
-        ("key", k_BTKH, (B, K, H, S), ("batch", "kv_heads", "head_dim", "length")),
-        ("value", v_BTKH, (B, K, S, H), ("batch", "kv_heads", "length", "head_dim"))):
+    # Indices split by slices put their [B, T] axes first: either update is [B, T, K, H].
+    for name, new_BTKH, shape, axes, at in (
+        ("key", k_BTKH, (B, K, H, S), ("batch", "kv_heads", "head_dim", "length"),
+         (rows_B1, slice(None), slice(None), positions_BT)),
+        ("value", v_BTKH, (B, K, S, H), ("batch", "kv_heads", "length", "head_dim"),
+         (rows_B1, slice(None), positions_BT))):
       cache = self.variable("cache", name, jnp.zeros, shape, new_BTKH.dtype)
-      # Indices split by slices put their [B, T] axes first: either update is [B, T, K, H].
-      at = (rows_B1, slice(None), slice(None), positions_BT) if name == "key" else (
-          rows_B1, slice(None), positions_BT)
       cache.value = nn.with_logical_constraint(cache.value.at[at].set(new_BTKH), axes)
       caches.append(cache.value)
     return caches
