@@ -62,7 +62,12 @@ class _DataHandler(grain.checkpoint.CheckpointHandler):
     else:
       raise UserError(f"The saved data position in {directory} was written by another number "
                       f"of processes ({', '.join(sorted(files))}); resume with that many.")
-    iterator.set_state(state)
+    try:
+      iterator.set_state(state)
+    except (KeyError, TypeError, ValueError, IndexError) as e:  # it read, but does not fit
+      raise UserError(f"The saved data position in {directory} is not one this run's data can "
+                      f"resume from ({type(e).__name__}: {e}); resume with the run's own data "
+                      "and objective, or pass a new --workdir.") from None
     return iterator
 
 
@@ -205,7 +210,8 @@ def restore_newest(checkpointer: Checkpointer, restore, log, steps=None):
   A checkpoint that fails to read (truncated or missing files, unreadable metadata) is
   reported and the one before it is tried; a writable checkpointer first moves it to
   WORKDIR/damaged_checkpoints (never deletes it), a read-only one leaves it where it is. A
-  `UserError` from `restore` (say, a checkpoint of another model) is raised, not damage.
+  `UserError` from `restore` (a checkpoint that reads but does not fit: another model,
+  objective or data position) is raised, not damage.
   `steps` limits the search to those steps.
   """
   for step in reversed(checkpointer.steps() if steps is None else steps):

@@ -203,3 +203,13 @@ def test_no_prompts_to_batch_is_one_clear_error():
   with pytest.raises(UserError, match="no prompts to train on"):
     prompts.prompt_batches(Subset([prompts.from_record(_problem(0))], np.zeros(0, np.int64)), 4,
                            seed=0)
+
+
+def test_one_prompt_a_step_is_batched_like_several():
+  """A step of one prompt (batch_size == group_size) reads every prompt once an epoch, as a
+  step of several does: the endless repeat used to overflow Grain's length for batches of 1."""
+  records = [prompts.from_record(_problem(i)) for i in range(6)]
+  one = _order(_take(iter(prompts.prompt_batches(records, 1, seed=2)), 12))
+  two = _order(_take(iter(prompts.prompt_batches(records, 2, seed=2)), 6))
+  assert one == two
+  assert sorted(one[:6]) == sorted(one[6:]) == list(range(6))

@@ -6,18 +6,19 @@ import dataclasses
 import io
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import scipy.special
 
-from llm_jax import cli, config as config_lib
+from llm_jax import checkpoint, cli, config as config_lib
 from llm_jax.data import hf_tokenizer
 from llm_jax.errors import UserError
 from llm_jax.run import load_run
 from llm_jax.train.loop import train
 
-from conftest import TINY_OVERRIDES, snapshot, tiny_config
+from conftest import TINY_OVERRIDES, build, snapshot, tiny_config
 
 _TRAIN = [o for o in TINY_OVERRIDES if o.startswith("train.")] + [
     "train.steps=12", "train.warmup_steps=2", "train.eval_every=6", "train.checkpoint_every=6",
@@ -218,3 +219,41 @@ def test_eval_chat_command_and_a_run_left_as_it_was(sft, chats, capsys, monkeypa
   status, out, _ = _cli(capsys, monkeypatch, ["eval", "--workdir", str(sft[0])])
   assert status == 0 and "conversations" in out  # the run's own validation conversations
   assert snapshot(sft[0]) == before
+
+
+@pytest.mark.parametrize("preset, source", [("dpo", "preferences:pairs.jsonl"),
+                                            ("grpo", "prompts:prompts.jsonl")])
+def test_a_run_resumed_with_another_objective_is_refused_before_writing(sft, preset, source,
+                                                                        capsys):
+  workdir = sft[0]
+  before = snapshot(workdir)
+  assert cli.main(["train", "--config", f"configs/posttrain.py:{preset}",
+                   *[f"--config.{o}" for o in _TRAIN], f"--config.data.source={source}",
+                   f"--config.train.init_from={workdir}", "--config.rl.reward=m:f",
+                   "--workdir", str(workdir)]) == 2
+  err = capsys.readouterr().err
+  assert "trained objective.name='next_token'" in err and "a new --workdir" in err
+  assert "Traceback" not in err
+  assert snapshot(workdir) == before
+
+
+def test_a_data_position_that_does_not_fit_is_refused_not_set_aside(sft, tmp_path):
+  """A checkpoint that reads but does not fit the state asked of it is the user's mistake:
+  it stays where it is, and no older checkpoint is tried in its place."""
+  copy = tmp_path / "copy"
+  shutil.copytree(sft[0], copy)
+
+  class OtherData:  # a batch source whose position has other keys
+    def set_state(self, state):
+      return state["other_position"]
+
+  config = config_lib.from_json((copy / "config.json").read_text())
+  abstract = build(config).abstract_state()
+  checkpointer = checkpoint.Checkpointer(copy / "checkpoints")
+  steps = checkpointer.steps()
+  with pytest.raises(UserError, match="data position .* is not one this run's data can resume"):
+    checkpoint.restore_newest(checkpointer, lambda step: checkpointer.restore(
+        step, abstract, OtherData()), print)
+  checkpointer.close()
+  assert checkpoint.saved_steps(copy / "checkpoints") == steps
+  assert not (copy / "damaged_checkpoints").exists()

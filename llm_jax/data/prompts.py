@@ -22,6 +22,7 @@ global batch of prompts.
 
 import json
 import pathlib
+import sys
 
 import grain
 import numpy as np
@@ -132,7 +133,10 @@ def prompt_batches(prompts: Documents, prompts_per_step: int, *, seed: int
     raise UserError("There are no prompts to train on (none given, or none leaves "
                     "rl.max_completion_tokens in model.context_length); give shorter prompts "
                     "or raise model.context_length.")
-  indices = grain.MapDataset.range(len(prompts)).shuffle(seed=seed).repeat()
+  # A finite number of epochs: an endless repeat has length sys.maxsize, which Grain cannot
+  # take the len() of once batched by one (a step of a single prompt).
+  epochs = sys.maxsize // (2 * len(prompts))
+  indices = grain.MapDataset.range(len(prompts)).shuffle(seed=seed).repeat(epochs)
   batches = indices.batch(prompts_per_step).map(
       lambda batch: {"prompt_index": np.asarray(batch, np.int32)})
   # No read-ahead threads: a batch is a few integers.

@@ -32,8 +32,8 @@ from llm_jax.train.metrics import MetricsWriter
 
 def check_workdir(config, workdir: pathlib.Path):
   """The config saved in `workdir` (None for a new one); refuses a workdir that is not a
-  directory, whose saved config describes a different model, or (RL) made another number of
-  updates per step. Writes nothing."""
+  directory, whose saved config describes a different model or objective, or (RL) made another
+  number of updates per step. Writes nothing."""
   paths.check_directory(workdir, "--workdir")
   saved = workdir / "config.json"
   if not saved.exists():
@@ -44,6 +44,7 @@ def check_workdir(config, workdir: pathlib.Path):
     raise UserError(f"{saved} is not a readable config; move the workdir aside or pass a "
                     "new --workdir.") from None
   _refuse_other_model(previous, config, str(workdir))
+  _refuse_other_objective(previous, config, str(workdir))
   passes = previous.get("rl", {}).get("passes", 1)
   if config.objective.name == "grpo" and config.rl.passes != passes:
     raise UserError(f"{workdir} was trained with rl.passes={passes}, and its learning-rate "
@@ -57,6 +58,16 @@ def _refuse_other_model(previous, config, where: str) -> None:
   if differences:
     raise UserError(f"{where} holds a different model ({'; '.join(differences)}); pass a new "
                     "--workdir or restore the workdir's model settings.")
+
+
+def _refuse_other_objective(previous, config, where: str) -> None:
+  """A run belongs to one objective: its checkpoints hold that objective's optimizer state,
+  data position and metrics."""
+  trained = previous.get("objective", {}).get("name", "next_token")
+  if trained != config.objective.name:
+    raise UserError(f"{where} trained objective.name={trained!r}, not "
+                    f"{config.objective.name!r}; pass a new --workdir with "
+                    f"--config.train.init_from={where} to start from its parameters.")
 
 
 def evaluate(built, params, batches, frozen=None) -> dict[str, float]:
@@ -83,8 +94,9 @@ def resume_state(checkpointer, config, abstract_state, data_iterator):
       run = checkpointer.directory.parent
       raise UserError(f"{run} holds imported parameters, not a training run to resume; start "
                       f"a new --workdir with --config.train.init_from={run}.")
-    _refuse_other_model(config_lib.from_json(meta["config"]), config,
-                        f"The checkpoint at step {step}")
+    saved = config_lib.from_json(meta["config"])
+    _refuse_other_model(saved, config, f"The checkpoint at step {step}")
+    _refuse_other_objective(saved, config, str(checkpointer.directory.parent))
     return checkpointer.restore(step, abstract_state, data_iterator)
   return checkpoint.restore_newest(checkpointer, restore, log)
 
