@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llm_jax import cli
-from llm_jax.data import documents, pipeline, sources
+from llm_jax.data import conversations, documents, pipeline, preferences, prompts, sources
 from llm_jax.errors import UserError
 
 from conftest import data_config
@@ -248,3 +248,51 @@ def test_data_bench_prints_throughput(text_corpus, tokenizer, tmp_path, capsys):
   assert code == 0
   assert result["tokens_per_sec"] > 0 and result["batch_tokens"] == 16 * 32
   assert "validation documents" in result["sources"][0]
+
+
+def _all(source) -> list:
+  return [source.train[i] for i in range(len(source.train))] + [
+      source.validation[i] for i in range(len(source.validation))]
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_a_utf8_byte_order_mark_is_read_past_in_every_kind_of_file(tmp_path, newline):
+  """Files that begin with a UTF-8 byte-order mark give what the same files without it give:
+  text, text lines, conversations, preference pairs and prompts, scanned and read alike."""
+  user = {"role": "user", "content": "hi \u00e9"}
+  lines = {
+      "files": [{"text": f"record {i} \u00e9"} for i in range(4)],
+      "chat": [{"messages": [user, {"role": "assistant", "content": f"answer {i}"}]}
+               for i in range(4)],
+      "preferences": [{"prompt": f"say {i}", "chosen": "yes", "rejected": "no"}
+                      for i in range(4)],
+      "prompts": [{"prompt": f"what is {i}?", "answer": str(i)} for i in range(4)]}
+  opens = {"files": lambda spec: sources.open_source(spec, data_config("val_fraction=0.5")),
+           "chat": lambda spec: conversations.open_chat(spec, 0.5),
+           "preferences": lambda spec: preferences.open_preferences(spec, 0.5),
+           "prompts": lambda spec: prompts.open_prompts(spec, 0.5)}
+  for kind, records in lines.items():
+    text = newline.join(json.dumps(r, ensure_ascii=False) for r in records) + newline
+    for name, bom in (("plain", b""), ("marked", b"\xef\xbb\xbf")):
+      (tmp_path / name / kind).mkdir(parents=True)
+      (tmp_path / name / kind / "data.jsonl").write_bytes(bom + text.encode())
+    plain, marked = (opens[kind](f"{kind}:{tmp_path}/{name}/{kind}/*.jsonl")
+                     for name in ("plain", "marked"))
+    assert sorted(map(json.dumps, _all(marked))) == sorted(map(json.dumps, _all(plain)))
+    assert len(_all(marked)) == 4 and marked.skipped == plain.skipped
+  (tmp_path / "docs").mkdir()
+  for i in range(2):
+    (tmp_path / "docs" / f"{i}.txt").write_bytes(b"\xef\xbb\xbfdocument %d\n" % i)
+  assert sorted(_all(sources.open_source(f"files:{tmp_path}/docs/*", data_config()))) == [
+      "document 0\n", "document 1\n"]
+  (tmp_path / "prompts.txt").write_bytes(b"\xef\xbb\xbffirst\r\nsecond\r\n")
+  assert prompts.read_prompt_file(tmp_path / "prompts.txt") == ["first", "second"]
+
+
+def test_a_utf16_file_is_counted_undecodable_in_one_sentence(tmp_path):
+  line = json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                  {"role": "assistant", "content": "hello"}]})
+  (tmp_path / "chats.jsonl").write_text(line + "\n" + line.replace("hello", "hey") + "\n",
+                                        encoding="utf-16")
+  with pytest.raises(UserError, match=r"No usable conversation .*1 undecodable"):
+    conversations.open_chat(f"chat:{tmp_path}/*.jsonl", 0.5)

@@ -4,12 +4,14 @@ text, and the indexing that `chat:<glob>` (`llm_jax.data.conversations`) shares.
 Files are indexed once (byte ranges of usable documents) and a document is read only when the
 pipeline asks for it, so a corpus may be far larger than memory. `.jsonl` files hold one
 document per line (for text, under `data.text_key`); any other file is one UTF-8 document.
+A UTF-8 byte-order mark is skipped; a file in another encoding counts as undecodable.
 Documents that cannot be used are skipped and counted by reason. The train/validation split is by a
 hash of each document's path (and line), so it does not depend on file order, machine or
 process count; exact duplicates are kept once, since a copy on each side of the split would
 leak validation text into training.
 """
 
+import codecs
 import functools
 import glob
 import hashlib
@@ -24,6 +26,8 @@ from llm_jax.data.documents import Source
 from llm_jax.errors import UserError
 
 _HASH_BUCKETS = 10_000
+_OTHER_BOMS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF16_LE,
+               codecs.BOM_UTF16_BE)
 SKIP_REASONS = ("unreadable", "binary", "undecodable", "empty", "duplicate", "not JSON",
                 "missing text key")
 
@@ -89,13 +93,17 @@ class _FileIndexer:
     self.paths.append(path)
     key = path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) \
         else path.as_posix()
+    if raw.startswith(_OTHER_BOMS):  # UTF-16 or UTF-32: counted, as undecodable UTF-8 is
+      self.skipped["undecodable"] += 1
+      return
+    # A UTF-8 byte-order mark is not part of the first document: its bytes start after it.
+    offset = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     if path.suffix == ".jsonl":
-      offset = 0
-      for line_number, line in enumerate(raw.splitlines(keepends=True)):
+      for line_number, line in enumerate(raw[offset:].splitlines(keepends=True)):
         self._add_json_line(line, offset, f"{key}:{line_number}")
         offset += len(line)
     else:
-      self._add_text(raw, 0, key)
+      self._add_text(raw[offset:], offset, key)
 
   def _add_text(self, raw: bytes, offset: int, key: str) -> None:
     if b"\x00" in raw:
@@ -111,8 +119,8 @@ class _FileIndexer:
   def _add_json_line(self, line: bytes, offset: int, key: str) -> None:
     if not line.strip():
       return  # blank lines separate nothing in JSON Lines; not a document
-    try:
-      record = json.loads(line)
+    try:  # decoded as `FileDocuments` decodes it, not by json's guess of the encoding
+      record = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError:
       self.skipped["undecodable"] += 1
       return

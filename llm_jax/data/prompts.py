@@ -41,7 +41,7 @@ def read_prompt_file(path) -> list[str]:
     problem = "is a directory" if path.is_dir() else "does not exist"
     raise UserError(f"--prompt_file {path} {problem}; give a file with one prompt per line.")
   try:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no prompt
   except UnicodeDecodeError:
     raise UserError(f"--prompt_file {path} is not UTF-8 text; give a text file with one prompt "
                     "per line.") from None
