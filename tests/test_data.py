@@ -194,7 +194,7 @@ def test_bad_sources(overrides, words):
 
 def test_nothing_usable_says_what_was_skipped(tmp_path):
   (tmp_path / "a.txt").write_text("")
-  (tmp_path / "b.txt").write_bytes(b"\xff\xfe\x00")
+  (tmp_path / "b.txt").write_bytes(b"\x01\x00\x02")
   (tmp_path / "c.jsonl").write_text('{"txt": "wrong key"}\n')
   with pytest.raises(UserError, match=r"No usable text.*1 binary, 1 empty, 1 missing text key"
                                       r".*data.text_key='text'"):
