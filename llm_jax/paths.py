@@ -6,6 +6,8 @@ nothing already written is overwritten.
 
 import os
 import pathlib
+import shutil
+from collections.abc import Callable
 
 from llm_jax.errors import UserError
 
@@ -35,3 +37,22 @@ def check_new_file(value: str | os.PathLike, option: str, replace: bool = False)
     raise UserError(f"{path} already exists; choose another {option} (nothing was overwritten).")
   _refuse_a_file_on_the_way(path.parent, value, option)
   return path
+
+
+def undo_new_entries(directory: pathlib.Path) -> Callable[[], None]:
+  """A function that removes what is made under `directory` after this call: the directory
+  (and any parents made with it) if it does not exist yet, else its new entries only."""
+  directory = directory.absolute()
+  missing = [p for p in (directory, *directory.parents) if not p.exists()]
+  if missing:
+    return lambda: shutil.rmtree(missing[-1], ignore_errors=True)
+  before = set(os.listdir(directory)) if directory.is_dir() else None
+
+  def remove() -> None:
+    for name in set(os.listdir(directory)) - before if before is not None else ():
+      path = directory / name
+      if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        path.unlink(missing_ok=True)
+  return remove

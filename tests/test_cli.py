@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from llm_jax import cli
+from llm_jax import cli, paths
 from llm_jax.errors import UserError
 
 from conftest import snapshot
@@ -150,3 +150,20 @@ def test_help_imports_no_jax():
           "except SystemExit as e:\n  assert e.code == 0\n"
           "assert 'jax' not in sys.modules, 'llm-jax --help imported JAX'\n")
   subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_undoing_a_refused_run_removes_only_what_it_made(tmp_path):
+  existing = tmp_path / "existing"
+  (existing / "kept").mkdir(parents=True)
+  (existing / "notes.txt").write_text("mine")
+  undo_existing = paths.undo_new_entries(existing)
+  undo_new = paths.undo_new_entries(tmp_path / "new" / "run")
+  for made in (existing, tmp_path / "new" / "run"):
+    (made / "checkpoints").mkdir(parents=True)
+    (made / "tokenizer.model").write_bytes(b"x")
+  (existing / "kept" / "inside").write_text("an entry of an old directory is not this run's")
+  undo_existing()
+  undo_new()
+  assert sorted(p.name for p in existing.iterdir()) == ["kept", "notes.txt"]
+  assert (existing / "notes.txt").read_text() == "mine"
+  assert not (tmp_path / "new").exists()  # the parent it made goes too

@@ -359,6 +359,7 @@ def test_a_reward_model_judges_as_it_scores(base, task, tmp_path):
     ("rl.reward=nowhere_module:f", "importing nowhere_module failed"),
     ("rl.max_completion_tokens=64", "leave room for a prompt"),
     ("train.batch_size=18", "not a multiple of rl.group_size"),
+    ("rl.reward={task}/task_rewards.py:raises", "raised ValueError"),  # at the first rollout
 ])
 def test_bad_rl_input_exits_2_and_leaves_the_run_as_it_was(base, task, tmp_path, capsys,
                                                             override, message):
@@ -370,8 +371,8 @@ def test_bad_rl_input_exits_2_and_leaves_the_run_as_it_was(base, task, tmp_path,
               ("rl.reward", config.rl.reward), ("train.batch_size", 16),
               ("rl.group_size", 4), ("rl.max_completion_tokens", 8),
               ("model.context_length", 64))],
-          f"--config.{override}"]
+          f"--config.{override.format(task=task)}"]
   assert cli.main(argv) == 2
   err = capsys.readouterr().err
   assert message in err and "Traceback" not in err
-  assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
+  assert not workdir.exists()  # no tokenizer, config, checkpoints/ or metrics left behind

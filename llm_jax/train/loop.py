@@ -225,9 +225,22 @@ def train(config, workdir, objective=None, batch_source=None, frozen=None) -> di
     batch_source, frozen = batch_source or default_batches, frozen or default_frozen
   elif batch_source is None:
     batch_source = configured(config)[1]
-  with _Requests() as requests:
-    return _train(config, pathlib.Path(workdir).expanduser(), requests, objective,
-                  batch_source, frozen)
+  workdir = pathlib.Path(workdir).expanduser()
+  undo = paths.undo_new_entries(workdir)
+  try:
+    with _Requests() as requests:
+      return _train(config, workdir, requests, objective, batch_source, frozen)
+  except UserError:  # a refusal writes nothing: what this call made goes, unless it has results
+    if is_primary() and not _has_results(workdir):
+      undo()
+    raise
+
+
+def _has_results(workdir: pathlib.Path) -> bool:
+  """Whether `workdir` holds a checkpoint or a metrics row, which no refusal removes."""
+  metrics = workdir / "metrics.jsonl"
+  return bool(checkpoint.saved_steps(workdir / "checkpoints")) or (
+      metrics.exists() and metrics.stat().st_size > 0)
 
 
 def _train(config, workdir, requests, objective, batch_source, frozen) -> dict:
