@@ -16,6 +16,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llm_jax import flops
 from llm_jax.kernels import blocked_causal_attention, head_major_attention, project
@@ -117,19 +118,27 @@ class RMSNorm(nn.Module):
 
 
 def rotary_inv_freq(c: ModelConfig):
-  """Angular frequency of each rotated pair (i, i + H/2): rope_theta^(-2i/H), or with
-  `rope_scaling='llama3'` Llama 3.1's, which stretches the long wavelengths for long contexts."""
-  half = c.head_dim // 2
-  inv_freq_P = c.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  """Angular frequency of each rotated pair (i, i + H/2): 1 / rope_theta^(2i/H), or with
+  `rope_scaling='llama3'` Llama 3.1's, which stretches the long wavelengths for long contexts.
+
+  Computed on the host in float32 in transformers' order of operations, so that they equal
+  transformers' bit for bit wherever torch's float32 pow is correctly rounded, as libm's is
+  (angles are position * frequency: a last-bit difference grows with position)."""
+  f32 = np.float32
+  inv_freq_P = 1 / f32(c.rope_theta) ** (np.arange(0, c.head_dim, 2, dtype=f32) / f32(c.head_dim))
   if c.rope_scaling == "none":
     return inv_freq_P
   # Wavelengths (2 pi / frequency) shorter than rope_original_context / high_freq_factor
   # keep their frequency, ones longer than rope_original_context / low_freq_factor have it
   # divided by the factor, and those between are blended linearly in context / wavelength.
-  context_per_wavelength_P = c.rope_original_context * inv_freq_P / (2 * jnp.pi)
-  kept_P = jnp.clip((context_per_wavelength_P - c.rope_low_freq_factor) /
-                    (c.rope_high_freq_factor - c.rope_low_freq_factor), 0.0, 1.0)
-  return kept_P * inv_freq_P + (1 - kept_P) * inv_freq_P / c.rope_scaling_factor
+  # (torch divides a number by a tensor as the tensor's reciprocal times the number.)
+  context, low, high = c.rope_original_context, c.rope_low_freq_factor, c.rope_high_freq_factor
+  factor = f32(c.rope_scaling_factor)
+  wavelength_P = (1 / inv_freq_P) * f32(2 * np.pi)
+  kept_P = ((1 / wavelength_P) * f32(context) - f32(low)) / f32(high - low)
+  blended_P = (1 - kept_P) * inv_freq_P / factor + kept_P * inv_freq_P
+  return np.where(wavelength_P > f32(context / low), inv_freq_P / factor,
+                  np.where(wavelength_P < f32(context / high), inv_freq_P, blended_P))
 
 
 def apply_rotary(x_BTNH, positions_BT, inv_freq_P):
