@@ -15,7 +15,7 @@ import pathlib
 
 import ml_collections
 
-from llm_jax import flops
+from llm_jax.model import flops
 from llm_jax.configs import base
 from llm_jax.errors import UserError
 
@@ -308,7 +308,7 @@ def resolve(config: ml_collections.ConfigDict, platform: str | None = None
     m.attention = ("cudnn" if platform == "gpu" and m.dtype == "bfloat16"
                    else "xla_blocked" if platform == "cpu" else "xla")
   if m.matmul_precision == "auto":
-    from llm_jax import hardware
+    from llm_jax.parallel import hardware
     m.matmul_precision = ("bfloat16" if platform == "cpu" and hardware.cpu_has_bf16_dot()
                           else "float32")
   if m.scan_unroll == 0:

@@ -30,11 +30,12 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from llm_jax import checkpoint, config as config_lib, safetensors_files, sharding
+from llm_jax.parallel import checkpoint, sharding
+from llm_jax import config as config_lib, safetensors_files
 from llm_jax.data.hf_tokenizer import load_hf_tokenizer
-from llm_jax.distributed import log
+from llm_jax.parallel.distributed import log
 from llm_jax.errors import UserError
-from llm_jax.model import ModelConfig, Transformer
+from llm_jax.model.transformer import ModelConfig, Transformer
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 MAX_SHARD_BYTES = 5 * 10**9
@@ -332,7 +333,7 @@ def export_model(workdir, out, step: int | None = None, dtype: str | None = None
                  max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
   """Writes the run in `workdir` (its newest readable checkpoint, or `step`) to `out` as an
   HF Llama directory: config.json, safetensors shards with an index, tokenizer files."""
-  from llm_jax.run import load_run  # the run level: loads a checkpoint for use
+  from llm_jax.inference.run import load_run  # the run level: loads a checkpoint for use
   if dtype not in (None, *safetensors_files.DTYPES):
     raise UserError(f"--dtype={dtype} is not one of {', '.join(safetensors_files.DTYPES)}.")
   out = pathlib.Path(out)

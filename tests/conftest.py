@@ -15,9 +15,9 @@ import sysconfig  # noqa: E402
 import pytest  # noqa: E402
 
 from llm_jax import config as config_lib  # noqa: E402
-from llm_jax import sharding  # noqa: E402
+from llm_jax.parallel import sharding
 from llm_jax.data.tokenizer import train_tokenizer  # noqa: E402
-from llm_jax.model import ModelConfig, Transformer  # noqa: E402
+from llm_jax.model.transformer import ModelConfig, Transformer  # noqa: E402
 from llm_jax.train import builder  # noqa: E402
 from llm_jax.train.loop import train  # noqa: E402
 

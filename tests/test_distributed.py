@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from llm_jax import config as config_lib
-from llm_jax import distributed
+from llm_jax.parallel import distributed
 from llm_jax.errors import UserError
 from llm_jax.train.loop import train
 

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from llm_jax import checkpoint, sharding
+from llm_jax.parallel import checkpoint, sharding
 from llm_jax.data import pipeline, sources
 from llm_jax.data.tokenizer import load_tokenizer
 from llm_jax.errors import UserError

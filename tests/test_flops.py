@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import pytest
 
 from llm_jax import config as config_lib
-from llm_jax import flops, plan
-from llm_jax.model import ModelConfig, Transformer
+from llm_jax.model import flops
+from llm_jax.tools import plan
+from llm_jax.model.transformer import ModelConfig, Transformer
 
 from conftest import tiny_config
 

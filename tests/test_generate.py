@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import generate as generate_lib
-from llm_jax import sampling, sharding
+from llm_jax.inference import generate as generate_lib
+from llm_jax.inference import sampling
+from llm_jax.parallel import sharding
 from llm_jax.errors import UserError
-from llm_jax.generate import beam_search, generate, next_token_probs
+from llm_jax.inference.generate import beam_search, generate, next_token_probs
 from llm_jax.train import optimizer, state as state_lib
 
 from conftest import model_of, tiny_config

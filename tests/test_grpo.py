@@ -12,14 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import checkpoint, cli, config as config_lib, generate as generate_lib, sharding
-from llm_jax.distributed import log
+from llm_jax.parallel import checkpoint, sharding
+from llm_jax import cli, config as config_lib
+from llm_jax.inference import generate as generate_lib
+from llm_jax.parallel.distributed import log
 from llm_jax.errors import UserError
-from llm_jax.objectives import grpo, rewards
-from llm_jax.objectives import rollouts as rollouts_lib
-from llm_jax.objectives.configured import configured
-from llm_jax.objectives.rollouts import grpo_batches
-from llm_jax.run import load_run
+from llm_jax.objectives import grpo
+from llm_jax.posttrain import judges as rewards
+from llm_jax.posttrain import rollouts as rollouts_lib
+from llm_jax.train.recipes import configured
+from llm_jax.posttrain.rollouts import grpo_batches
+from llm_jax.inference.run import load_run
 from llm_jax.train import builder
 from llm_jax.train.loop import train
 

@@ -11,10 +11,12 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from llm_jax import cli, config as config_lib, generate, hf, sharding
+from llm_jax import cli, config as config_lib, hf
+from llm_jax.inference import generate
+from llm_jax.parallel import sharding
 from llm_jax.errors import UserError
-from llm_jax.model import Transformer, rotary_inv_freq
-from llm_jax.run import load_run
+from llm_jax.model.transformer import Transformer, rotary_inv_freq
+from llm_jax.inference.run import load_run
 from llm_jax.train.loop import train
 
 from conftest import snapshot, stdlib_texts

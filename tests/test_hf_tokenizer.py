@@ -16,7 +16,7 @@ from llm_jax.data import hf_tokenizer
 from llm_jax.data.tokenizer import (SentencePieceTokenizer, for_run, load_tokenizer,
                                     saved_tokenizer, tokenizer_from_bytes)
 from llm_jax.errors import UserError
-from llm_jax.run import load_run
+from llm_jax.inference.run import load_run
 from llm_jax.train.loop import train
 
 TEXTS = ["Hello world", "  two leading spaces", " one", "line one\nline two\n\n",

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from llm_jax import host_memory
+from llm_jax.parallel import host_memory
 
 glibc_linux = pytest.mark.skipif(
     sys.platform != "linux" or platform.libc_ver()[0] != "glibc",

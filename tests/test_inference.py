@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import scipy.special
 
-from llm_jax import cli, generate as generate_lib
+from llm_jax import cli
+from llm_jax.inference import generate as generate_lib
 from llm_jax.errors import UserError
-from llm_jax.run import load_run
+from llm_jax.inference.run import load_run
 from llm_jax.train.loop import train
 
 from conftest import snapshot, tiny_config
@@ -38,7 +39,7 @@ def _cli(capsys, *argv):
 
 def test_loading_restores_the_trained_parameters_and_writes_nothing(workdir, run):
   from llm_jax import config as config_lib
-  from llm_jax.checkpoint import Checkpointer
+  from llm_jax.parallel.checkpoint import Checkpointer
   from llm_jax.train import builder
   assert run.step == 10
   built = builder.build(config_lib.resolve(run.config), run.mesh)

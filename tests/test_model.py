@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import flops
+from llm_jax.model import flops
 from llm_jax import config as config_lib
-from llm_jax.model import ModelConfig, apply_rotary, rotary_inv_freq
+from llm_jax.model.transformer import ModelConfig, apply_rotary, rotary_inv_freq
 
 from conftest import model_of, tiny_config
 
@@ -236,7 +236,7 @@ def _bf16_rounded(x):
 def test_bf16_matmul_rounds_every_operand_and_returns_float32(transpose_w):
   """Forward and both gradients equal float64 matmuls of bf16-rounded operands (each product
   of two bf16 numbers is exact in float32, so only float32 summation separates them)."""
-  from llm_jax.kernels import bf16_matmul
+  from llm_jax.model.kernels import bf16_matmul
   rng = np.random.default_rng(0)
   x = rng.normal(size=(6, 40)).astype(np.float32)
   w_kn = rng.normal(size=(40, 7)).astype(np.float32)
@@ -276,7 +276,7 @@ def test_bf16_operands_model_stays_close_to_float32():
 
 
 def test_matmul_precision_auto_follows_the_cpu(monkeypatch):
-  from llm_jax import hardware
+  from llm_jax.parallel import hardware
   for has_bf16_dot in (True, False):
     monkeypatch.setattr(hardware, "cpu_has_bf16_dot", lambda v=has_bf16_dot: v)
     auto = tiny_config("model.matmul_precision=auto")
@@ -299,5 +299,5 @@ def test_matmul_precision_auto_follows_the_cpu(monkeypatch):
     ("", False),
 ])
 def test_cpuinfo_bf16_dot_flags(cpuinfo, expected):
-  from llm_jax import hardware
+  from llm_jax.parallel import hardware
   assert hardware.cpuinfo_has_bf16_dot(cpuinfo) is expected

@@ -5,9 +5,11 @@ import json
 import jax
 import pytest
 
-from llm_jax import cli, flops, hardware
+from llm_jax import cli
+from llm_jax.model import flops
+from llm_jax.parallel import hardware
 from llm_jax import config as config_lib
-from llm_jax import plan
+from llm_jax.tools import plan
 from llm_jax.errors import UserError
 
 from conftest import tiny_config

@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 import scipy.special
 
-from llm_jax import cli, config as config_lib, sharding
+from llm_jax import cli, config as config_lib
+from llm_jax.parallel import sharding
 from llm_jax.data import chat_template, preferences, tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
 from llm_jax.objectives.dpo import dpo_objective
 from llm_jax.objectives.pairs import sequence_log_probs
-from llm_jax.objectives.reference import CACHE
-from llm_jax.objectives.reward import reward_objective
-from llm_jax.run import load_run
+from llm_jax.posttrain.dpo_reference import CACHE
+from llm_jax.objectives.reward_model import reward_objective
+from llm_jax.inference.run import load_run
 from llm_jax.train import builder
 from llm_jax.train.loop import train
 
@@ -217,7 +218,7 @@ def test_reward_scores_and_the_reward_command(reward_run, capsys):
 def test_dpo_stores_the_reference_and_recomputes_it_for_other_data(base, pairs, tmp_path,
                                                                    capfd, monkeypatch):
   # One batch of pairs encoded at a time: the pass crosses chunk boundaries.
-  monkeypatch.setattr("llm_jax.objectives.reference._BATCHES_ENCODED", 1)
+  monkeypatch.setattr("llm_jax.posttrain.dpo_reference._BATCHES_ENCODED", 1)
   workdir = tmp_path / "dpo"
   config = _posttrain("dpo", base, pairs, "train.steps=4", "train.learning_rate=1e-3",
                       "train.log_every=1")

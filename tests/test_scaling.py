@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from llm_jax import scaling
+from llm_jax.tools import scaling
 from llm_jax.errors import UserError
 
 # Hoffmann et al.'s fitted law, used as the truth the fits must recover.

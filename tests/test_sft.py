@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import scipy.special
 
-from llm_jax import checkpoint, cli, config as config_lib
+from llm_jax.parallel import checkpoint
+from llm_jax import cli, config as config_lib
 from llm_jax.data import hf_tokenizer
 from llm_jax.errors import UserError
-from llm_jax.run import load_run
+from llm_jax.inference.run import load_run
 from llm_jax.train.loop import train
 
 from conftest import TINY_OVERRIDES, build, snapshot, tiny_config

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from llm_jax import sharding
+from llm_jax.parallel import sharding
 
 from conftest import build, tiny_config
 

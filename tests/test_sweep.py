@@ -10,7 +10,9 @@ import textwrap
 import pytest
 
 import conftest
-from llm_jax import cli, config as config_lib, flops, sweep
+from llm_jax import cli, config as config_lib
+from llm_jax.model import flops
+from llm_jax.tools import sweep
 from llm_jax.errors import UserError
 
 TINY = dict(o.split("=", 1) for o in conftest.TINY_OVERRIDES)

@@ -109,7 +109,7 @@ def test_cli_bad_input_exits_2_with_one_line(args, words, tmp_path, capsys):
 # --- train.init_from --------------------------------------------------------------------------
 
 def _params(workdir):
-  from llm_jax.run import load_run
+  from llm_jax.inference.run import load_run
   return jax.device_get(load_run(workdir).params)
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import sharding
+from llm_jax.parallel import sharding
 from llm_jax.data.batches import BatchSource
 from llm_jax.errors import UserError
 from llm_jax.objectives import Objective

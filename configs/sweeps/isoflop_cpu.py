@@ -4,14 +4,14 @@ Four compute budgets, three times apart, each trained at five to seven model siz
 the best size, so every IsoFLOP curve has its minimum inside it. Sizes come from one ladder
 (about 1.5-2x parameters per rung); each budget takes consecutive rungs, moving up with the
 budget as Hoffmann et al. (2022) did. Every member's steps follow from its budget
-(llm_jax.flops), and its cosine schedule spans those steps.
+(llm_jax.model.flops), and its cosine schedule spans those steps.
 
   llm-jax sweep configs/sweeps/isoflop_cpu.py --dry-run     # the table of members
   llm-jax sweep configs/sweeps/isoflop_cpu.py               # train (resumable)
   llm-jax scaling fit runs/sweeps/isoflop_cpu --out experiments/scaling --overwrite
 """
 
-from llm_jax import sweep
+from llm_jax.tools import sweep
 
 # (d_model, num_layers, num_heads, num_kv_heads, mlp_dim): head_dim 16, MLP ~2.7x d_model.
 LADDER = [

@@ -12,7 +12,7 @@ data.source at a corpus of that size (e.g. 'files:/data/corpus/*.jsonl' or a pre
   llm-jax sweep configs/sweeps/isoflop_gpu.py --print-commands > members.sh  # for a scheduler
 """
 
-from llm_jax import sweep
+from llm_jax.tools import sweep
 
 # (d_model, num_layers, num_heads, num_kv_heads, mlp_dim): head_dim 64, MLP ~2.7x d_model.
 LADDER = [

@@ -3,7 +3,7 @@
     python experiments/benchmarks/checkpoint_save.py [--config configs/llama.py:125m] [--saves 3]
 
 Builds the real sharded train state of the config (parameters and AdamW moments), saves it
-through `llm_jax.checkpoint.Checkpointer` as `llm-jax train` does, and prints the median over
+through `llm_jax.parallel.checkpoint.Checkpointer` as `llm-jax train` does, and prints the median over
 `--saves` saves of the blocking part (the `save` call) and the total (until `wait` returns).
 """
 
@@ -16,8 +16,9 @@ import time
 import jax
 
 from llm_jax import config as config_lib
-from llm_jax import flops, sharding
-from llm_jax.checkpoint import Checkpointer
+from llm_jax.model import flops
+from llm_jax.parallel import sharding
+from llm_jax.parallel.checkpoint import Checkpointer
 from llm_jax.train import builder
 
 

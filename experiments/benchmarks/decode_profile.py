@@ -3,7 +3,7 @@
     python experiments/benchmarks/decode_profile.py [--batch 8] [--prompt 128] [--slots 192] \
         [--steps 30] [--config FILE[:variant]] [--config.KEY=VALUE ...]
 
-Prepares the model and parameters as `llm_jax.generate` does for its decode loop (cast
+Prepares the model and parameters as `llm_jax.inference.generate` does for its decode loop (cast
 weights, per-layer arrays, a cache of `--slots` positions), prefills `--batch` random prompts
 of `--prompt` tokens, then runs the jitted one-token step `--steps` times under
 `jax.profiler` (the cache donated, as the loop updates it in place) and prints the profile's
@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax import config as config_lib, generate
-from llm_jax.model import ModelConfig, Transformer
+from llm_jax import config as config_lib
+from llm_jax.inference import generate
+from llm_jax.model.transformer import ModelConfig, Transformer
 
 
 def main() -> None:

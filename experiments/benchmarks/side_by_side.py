@@ -19,7 +19,7 @@ bfloat16 dot instructions (`model.matmul_precision`).
 Each framework runs in its own worker process (one process tree, one run) that builds and
 warms its step once and then, on request, times a block of `--steps` steps. The llm-jax
 worker runs with the host malloc settings the `llm-jax` command uses
-(`llm_jax.host_memory`); the PyTorch workers with the environment as it is. The parent
+(`llm_jax.parallel.host_memory`); the PyTorch workers with the environment as it is. The parent
 asks the workers in turn, A B C A B C ... for `--rounds` rounds, so that other load on the
 machine falls on all alike, and reports the median step time of each and the ratio of
 tokens/s (wall clock), with each process's CPU time per step beside it (on a shared machine
@@ -27,7 +27,7 @@ the wall clock includes waiting for the cores; CPU time does not, though spin-wa
 threads inflate it). All get the same cores: XLA's CPU thread pool uses every core, and the
 PyTorch workers call `torch.set_num_threads(--threads)` (default: the core count).
 
-`--decode BATCH ...` compares generation instead: `llm_jax.generate.generate` against
+`--decode BATCH ...` compares generation instead: `llm_jax.inference.generate.generate` against
 `LlamaForCausalLM.generate` (KV cache, eager; `pytorch-bf16` is the model in bfloat16), on
 BATCH prompts of half the context, greedy, and with `--sample` also sampled (temperature 1,
 top-p 0.95) by a second worker per framework, timed in the same alternation as the greedy
@@ -64,15 +64,16 @@ def _decode_step_times(generate, steps: int) -> list[float]:
 
 
 class _JaxDecode:
-  """llm_jax.generate.generate on BATCH random prompts of half the context."""
+  """llm_jax.inference.generate.generate on BATCH random prompts of half the context."""
 
   def __init__(self, config, batch_size: int, sample: bool):
     import jax
     import jax.numpy as jnp
     import numpy as np
     from llm_jax import config as config_lib
-    from llm_jax import flops, generate
-    from llm_jax.model import ModelConfig, Transformer
+    from llm_jax.model import flops
+    from llm_jax.inference import generate
+    from llm_jax.model.transformer import ModelConfig, Transformer
     m = config.model
     model = Transformer(ModelConfig.from_config(config_lib.resolve(config).model))
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
@@ -126,11 +127,13 @@ def _load_config(shape: str, overrides: list[str]):
 
 
 class _JaxStep:
-  """The real `llm-jax train` step (llm_jax.bench) on a synthetic batch."""
+  """The real `llm-jax train` step (llm_jax.tools.bench) on a synthetic batch."""
 
   def __init__(self, config):
     import jax
-    from llm_jax import bench, flops, sharding
+    from llm_jax.tools import bench
+    from llm_jax.model import flops
+    from llm_jax.parallel import sharding
     from llm_jax import config as config_lib
     config_lib.validate(config, jax.device_count())
     self._timer = bench.TrainStepTimer(config, sharding.make_mesh(config.mesh))
@@ -235,7 +238,7 @@ def _worker(args, overrides) -> None:
 
 def _start(framework, shape, args, overrides, decode_batch: int = 0,
            sample: bool = False) -> tuple[subprocess.Popen, dict]:
-  from llm_jax import host_memory
+  from llm_jax.parallel import host_memory
   command = [sys.executable, __file__, "--worker", framework, "--shape", shape,
              "--threads", str(args.threads), *overrides]
   if decode_batch:

@@ -48,11 +48,11 @@ def pair_margins(workdir: pathlib.Path, pairs: pathlib.Path) -> np.ndarray:
   """Score of chosen − score of rejected for every pair that fits, where a score is a reward
   model's reward, or a policy's summed log-probability of the answer."""
   import jax
-  from llm_jax import sharding
+  from llm_jax.parallel import sharding
   from llm_jax.data import preferences
   from llm_jax.objectives.pairs import sequence_log_probs
-  from llm_jax.objectives.reward import response_rewards
-  from llm_jax.run import load_run
+  from llm_jax.objectives.reward_model import response_rewards
+  from llm_jax.inference.run import load_run
   run = load_run(workdir)
   source = preferences.open_all_preferences(str(pairs))
   context = run.model.config.context_length

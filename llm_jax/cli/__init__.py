@@ -8,7 +8,7 @@ their handlers, so `--help` stays fast and `plan` can set XLA_FLAGS before JAX s
 import argparse
 import sys
 
-from llm_jax import host_memory
+from llm_jax.parallel import host_memory
 from llm_jax.cli import common, data, hf, inference, study, tokenizer, train
 from llm_jax.errors import UserError
 

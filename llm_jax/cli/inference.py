@@ -10,8 +10,8 @@ from llm_jax.errors import UserError
 
 
 def _load_run(args, overrides):
-  from llm_jax.run import load_run
-  from llm_jax import flops
+  from llm_jax.inference.run import load_run
+  from llm_jax.model import flops
   run = load_run(args.workdir, overrides)
   print(f"Loaded {args.workdir} at step {run.step}: "
         f"{flops.param_counts(run.model.config)['params'] / 1e6:.2f}M parameters, mesh "
@@ -110,7 +110,7 @@ def _notice(text: str) -> None:
 
 
 def _predict(args, overrides) -> None:
-  from llm_jax.run import plot_distribution
+  from llm_jax.inference.run import plot_distribution
   plot = paths.check_new_file(args.plot, "--plot", replace=True) if args.plot else None
   run = _load_run(args, overrides)
   distribution = run.next_token_distribution(args.prompt, **common.given(args, "top"))

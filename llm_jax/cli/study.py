@@ -32,7 +32,7 @@ def _plan(args, overrides) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     command = [sys.executable, "-m", "llm_jax.cli", *args.argv]
     raise SystemExit(subprocess.run(command, env=env, check=False).returncode)
-  from llm_jax import plan
+  from llm_jax.tools import plan
   result = plan.plan(common.load_config(args, overrides), args.devices, args.hardware,
                      **common.given(args, "target_mfu"), xla_flops=not args.skip_xla_flops)
   print(json.dumps(result) if args.json else
@@ -41,7 +41,7 @@ def _plan(args, overrides) -> None:
 
 def _sweep(args, overrides) -> None:
   import jax
-  from llm_jax import sweep as sweep_lib
+  from llm_jax.tools import sweep as sweep_lib
   common.no_overrides(overrides)
   sweep_dir = paths.check_directory(
       args.sweep_dir or sweep_lib.default_sweep_dir(args.sweep_file), "--sweep_dir")
@@ -68,7 +68,7 @@ def _sweep(args, overrides) -> None:
 
 
 def _scaling_fit(args, overrides) -> None:
-  from llm_jax import scaling
+  from llm_jax.tools import scaling
   common.no_overrides(overrides)
   out = paths.check_directory(args.out, "--out")
   fits = scaling.fit_and_plot(args.sweep, out, overwrite=args.overwrite, **common.given(
@@ -77,7 +77,7 @@ def _scaling_fit(args, overrides) -> None:
 
 
 def _bench(args, overrides) -> None:
-  from llm_jax import bench
+  from llm_jax.tools import bench
   out = paths.check_new_file(args.out, "--out") if args.out else None
   result = bench.measure(common.load_config(args, overrides), **common.given(args, "steps"),
                          inference=not args.train_only)

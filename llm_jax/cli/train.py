@@ -4,7 +4,7 @@ from llm_jax.cli import common
 
 
 def _train(args, overrides) -> None:
-  from llm_jax import distributed
+  from llm_jax.parallel import distributed
   config = common.load_config(args, overrides)
   distributed.initialize(config.distributed)  # before anything else uses JAX
   from llm_jax.train.loop import train

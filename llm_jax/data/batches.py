@@ -18,7 +18,7 @@ from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.data.chat_template import ChatFormat
 from llm_jax.data.documents import Documents, Source, Subset
 from llm_jax.data.tokenizer import Tokenizer
-from llm_jax.distributed import log
+from llm_jax.parallel.distributed import log
 from llm_jax.errors import UserError
 
 

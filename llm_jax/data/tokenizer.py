@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from llm_jax.data import hf_tokenizer, sources
 from llm_jax.data.chat_template import CHAT_TOKENS, OWN_FORMAT_JINJA
 from llm_jax.data.documents import Source
-from llm_jax.distributed import is_primary, log
+from llm_jax.parallel.distributed import is_primary, log
 from llm_jax.errors import UserError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3

@@ -53,7 +53,7 @@ class Objective:
 def evaluate_batch(params, batch, frozen=None, *, objective: Objective, model):
   """(loss sum, weight, metric sums) of one batch: what evaluation adds up over a set.
 
-  One jitted function for training's periodic evaluation and for scoring (`llm_jax.evaluate`),
+  One jitted function for training's periodic evaluation and for scoring (`llm_jax.inference.evaluate`),
   compiled once per objective, model and batch shape.
   """
   loss_sum, metric_sums = objective.loss(model, params, batch, frozen)

@@ -5,7 +5,7 @@ pairs directly, held near a reference model by β:
 
 with log π(·) the summed log-probability of a response's tokens (and its end of turn). The
 reference is the `train.init_from` model; its log-probabilities of every pair are computed
-once before training (`llm_jax.objectives.reference`) and arrive in each batch as
+once before training (`llm_jax.posttrain.dpo_reference`) and arrive in each batch as
 `ref_chosen_log_prob` and `ref_rejected_log_prob`, so training holds one model, not two.
 
 Metrics per pair: the implicit rewards β(log π − log π_ref) of both sides, their margin,

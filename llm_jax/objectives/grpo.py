@@ -1,7 +1,7 @@
 """Group Relative Policy Optimization (Shao et al. 2024): the policy learns from its own
 answers, each judged against the other answers to the same prompt, with no value network.
 
-Each prompt of a step gets G completions (`llm_jax.objectives.rollouts`); their rewards r give
+Each prompt of a step gets G completions (`llm_jax.posttrain.rollouts`); their rewards r give
 each completion the advantage
 
     A = (r - mean of its group) / (std of its group + ADVANTAGE_EPSILON)
@@ -35,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from llm_jax import checkpoint, config as config_lib, sharding
-from llm_jax.distributed import log
-from llm_jax.model import ModelConfig, Transformer
+from llm_jax.parallel import checkpoint, sharding
+from llm_jax import config as config_lib
+from llm_jax.parallel.distributed import log
+from llm_jax.model.transformer import ModelConfig, Transformer
 from llm_jax.objectives import Objective
 
 ADVANTAGE_EPSILON = 1e-4

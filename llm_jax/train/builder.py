@@ -11,8 +11,9 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from llm_jax import objectives, sharding
-from llm_jax.model import ModelConfig, Transformer
+from llm_jax import objectives
+from llm_jax.parallel import sharding
+from llm_jax.model.transformer import ModelConfig, Transformer
 from llm_jax.objectives.next_token import NEXT_TOKEN
 from llm_jax.train import optimizer, state as state_lib, step as step_lib
 

@@ -21,11 +21,14 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from llm_jax import checkpoint, config as config_lib, flops, generate, hardware, paths, sharding
-from llm_jax.distributed import is_primary, log
+from llm_jax.parallel import checkpoint, hardware, sharding
+from llm_jax import config as config_lib, paths
+from llm_jax.model import flops
+from llm_jax.inference import generate
+from llm_jax.parallel.distributed import is_primary, log
 from llm_jax.errors import UserError
-from llm_jax.model import ModelConfig, Transformer
-from llm_jax.objectives.configured import configured
+from llm_jax.model.transformer import ModelConfig, Transformer
+from llm_jax.train.recipes import configured
 from llm_jax.train import builder
 from llm_jax.train.metrics import MetricsWriter
 

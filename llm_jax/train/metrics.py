@@ -10,7 +10,7 @@ import pathlib
 
 from tensorboardX import SummaryWriter
 
-from llm_jax.distributed import is_primary
+from llm_jax.parallel.distributed import is_primary
 from llm_jax.errors import UserError
 
 

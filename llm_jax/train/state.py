@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
-from llm_jax import sharding
+from llm_jax.parallel import sharding
 
 
 @flax.struct.dataclass

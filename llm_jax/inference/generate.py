@@ -1,13 +1,13 @@
 """Text generation with a key/value cache: one jitted prefill, then a jitted decode loop.
 
 The model is the training model (`Transformer(..., decode=True)` caches keys and values);
-the next token is chosen by `llm_jax.sampling` (`generate`) or by beam search
+the next token is chosen by `llm_jax.inference.sampling` (`generate`) or by beam search
 (`beam_search`). Prompts of different lengths are batched right-padded: each row's cache
 holds its own tokens at their positions, and its new tokens go to the positions after its
 own prompt. Called inside `sharding.activate(mesh)`, the activations and the cache take the
 same logical shardings as in training.
 
-Token ids in, token ids out: text, tokenizers and checkpoints are `llm_jax.run`'s business.
+Token ids in, token ids out: text, tokenizers and checkpoints are `llm_jax.inference.run`'s business.
 """
 
 import dataclasses
@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax import sampling
+from llm_jax.inference import sampling
 from llm_jax.errors import UserError
-from llm_jax.model import MATMUL_WEIGHTS, Transformer
+from llm_jax.model.transformer import MATMUL_WEIGHTS, Transformer
 
 
 def prefill(params, model: Transformer, prompt_BP, lengths_B, num_tokens: int | None = None):

@@ -34,7 +34,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from llm_jax import config as config_lib
-from llm_jax.distributed import is_primary
+from llm_jax.parallel.distributed import is_primary
 from llm_jax.errors import UserError
 
 

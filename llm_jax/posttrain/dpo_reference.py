@@ -17,15 +17,15 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from llm_jax import checkpoint, sharding
+from llm_jax.parallel import checkpoint, sharding
 from llm_jax import config as config_lib
 from llm_jax.data import preferences
 from llm_jax.data.documents import Subset
 from llm_jax.data.batches import BatchSource, PreferencePairs, pair_batch_source, \
     preference_pairs
-from llm_jax.distributed import is_primary, log
+from llm_jax.parallel.distributed import is_primary, log
 from llm_jax.errors import UserError
-from llm_jax.model import ModelConfig, Transformer
+from llm_jax.model.transformer import ModelConfig, Transformer
 from llm_jax.objectives.dpo import dpo_objective
 from llm_jax.objectives.pairs import sequence_log_probs
 

@@ -14,7 +14,7 @@ directory on the path, as `python -m` does. Every process of a multi-process run
 functions on every completion, so they must not depend on the process.
 
 A reward model scores the prompt and completion through its own tokenizer and chat template,
-at the completion's last token, as it was trained (`llm_jax.objectives.reward`).
+at the completion's last token, as it was trained (`llm_jax.objectives.reward_model`).
 
 A function that raises or returns something that is not a finite number stops the run with a
 message naming the prompt and the function (`rl.reward_errors=stop`), or is scored 0 and
@@ -35,12 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax import checkpoint, config as config_lib, sharding
+from llm_jax.parallel import checkpoint, sharding
+from llm_jax import config as config_lib
 from llm_jax.data import chat_template
 from llm_jax.data.tokenizer import tokenizer_from_bytes
-from llm_jax.distributed import log
+from llm_jax.parallel.distributed import log
 from llm_jax.errors import UserError
-from llm_jax.model import ModelConfig, Transformer
+from llm_jax.model.transformer import ModelConfig, Transformer
 
 _FORMS = ("give 'module:function', 'path/to/file.py:function' or a reward-model run directory, "
           "several as 'A=2; B=1'")

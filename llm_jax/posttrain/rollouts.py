@@ -28,15 +28,17 @@ import time
 import jax
 import numpy as np
 
-from llm_jax import config as config_lib, generate, sharding
+from llm_jax import config as config_lib
+from llm_jax.inference import generate
+from llm_jax.parallel import sharding
 from llm_jax.data import chat_template, prompts as prompts_lib, sources
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.data.batches import BatchSource
 from llm_jax.data.documents import Subset
-from llm_jax.distributed import log
+from llm_jax.parallel.distributed import log
 from llm_jax.errors import UserError
-from llm_jax.model import ModelConfig, Transformer
-from llm_jax.objectives import rewards as rewards_lib
+from llm_jax.model.transformer import ModelConfig, Transformer
+from llm_jax.posttrain import judges as rewards_lib
 from llm_jax.objectives.grpo import group_advantages
 
 

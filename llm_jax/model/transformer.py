@@ -2,7 +2,7 @@
 
 Pure functional: `Transformer(ModelConfig).init/apply`, parameters in, logits out. Every
 parameter and every large activation carries logical axis names (`batch`, `length`, `embed`,
-`heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`); `llm_jax.sharding` maps them to
+`heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`); `llm_jax.parallel.sharding` maps them to
 the mesh. Shape suffixes: B batch, T query length, S key length, D d_model, N query heads,
 K kv heads, G = N/K queries per kv head, H head_dim, P = H/2 rotary pairs, F mlp_dim,
 V vocab.
@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax import flops
-from llm_jax.kernels import blocked_causal_attention, head_major_attention, project
+from llm_jax.model import flops
+from llm_jax.model.kernels import blocked_causal_attention, head_major_attention, project
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,

@@ -1,6 +1,6 @@
 """A trained run, loaded for inference: generate text, read the next-token distribution, score.
 
-    from llm_jax.run import load_run
+    from llm_jax.inference.run import load_run
     run = load_run("runs/default")              # newest readable checkpoint of the run
     run.generate("def main():", max_new_tokens=64, temperature=0.8, top_p=0.95)
     run.chat([{"role": "user", "content": "What does json.dumps do?"}])   # the answer
@@ -11,8 +11,8 @@
 
 Loading reads the newest checkpoint's config and tokenizer (both are saved inside every
 checkpoint) and restores only its parameters, sharded over a mesh of this machine's devices.
-It never writes to the run directory. Token-level work is in `llm_jax.generate` and
-`llm_jax.evaluate`; this module turns text into ids and back.
+It never writes to the run directory. Token-level work is in `llm_jax.inference.generate` and
+`llm_jax.inference.evaluate`; this module turns text into ids and back.
 """
 
 import dataclasses
@@ -26,17 +26,18 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from llm_jax import checkpoint, sampling, sharding
+from llm_jax.parallel import checkpoint, sharding
+from llm_jax.inference import sampling
 from llm_jax import config as config_lib
-from llm_jax import evaluate as evaluate_lib
-from llm_jax import generate as generate_lib
+from llm_jax.inference import evaluate as evaluate_lib
+from llm_jax.inference import generate as generate_lib
 from llm_jax.data import chat_template, conversations, sources
 from llm_jax.data import files as files_lib
 from llm_jax.data.documents import Documents
 from llm_jax.data.tokenizer import Tokenizer, tokenizer_from_bytes
-from llm_jax.distributed import log
+from llm_jax.parallel.distributed import log
 from llm_jax.errors import UserError
-from llm_jax.model import ModelConfig, Transformer
+from llm_jax.model.transformer import ModelConfig, Transformer
 
 # New tokens when none are asked for: the rest of the context, but at most this many.
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -249,7 +250,7 @@ class Run:
 
   def evaluate(self, files: str | None = None, max_tokens: int = 0,
                batch_size: int | None = None, chat: str | None = None) -> dict:
-    """Loss and perplexity (see `llm_jax.evaluate`) with the counts behind them.
+    """Loss and perplexity (see `llm_jax.inference.evaluate`) with the counts behind them.
 
     Scores the run's validation split, every document of the files matching `files` (and
     their bits per byte), or the assistant tokens of the conversations in the `.jsonl` files

@@ -7,9 +7,9 @@ from llm_jax.objectives import Objective
 from llm_jax.objectives.dpo import dpo_objective
 from llm_jax.objectives.grpo import grpo_objective, reference_parameters
 from llm_jax.objectives.next_token import NEXT_TOKEN
-from llm_jax.objectives.reference import dpo_batches
-from llm_jax.objectives.reward import reward_objective
-from llm_jax.objectives.rollouts import grpo_batches
+from llm_jax.posttrain.dpo_reference import dpo_batches
+from llm_jax.objectives.reward_model import reward_objective
+from llm_jax.posttrain.rollouts import grpo_batches
 
 
 def configured(config) -> tuple[Objective, Callable, Callable | None]:

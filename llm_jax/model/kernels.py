@@ -2,7 +2,7 @@
 
 Each is numerically the plain operation it replaces (up to summation order, or bfloat16
 operand rounding where asked for); they exist because XLA:CPU runs these forms much faster.
-Shape suffixes as in `llm_jax.model`; M, K, N are a 2-D matmul's rows, contraction, columns.
+Shape suffixes as in `llm_jax.model.transformer`; M, K, N are a 2-D matmul's rows, contraction, columns.
 """
 
 import functools

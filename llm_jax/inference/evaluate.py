@@ -20,12 +20,12 @@ from collections.abc import Iterable
 
 import grain
 
-from llm_jax import sharding
+from llm_jax.parallel import sharding
 from llm_jax.data import pipeline
 from llm_jax.data.chat_template import ChatFormat
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.errors import UserError
-from llm_jax.model import Transformer
+from llm_jax.model.transformer import Transformer
 from llm_jax.objectives import evaluate_batch
 from llm_jax.objectives.next_token import NEXT_TOKEN
 

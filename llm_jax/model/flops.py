@@ -18,7 +18,7 @@ lookups and norms are free. The
 attention term counts the full T x T score and value matmuls, without halving for the
 causal mask, as PaLM and MaxText do.
 
-MFU = achieved model FLOP/s / peak FLOP/s, with the peak from `llm_jax.hardware.peak_flops`
+MFU = achieved model FLOP/s / peak FLOP/s, with the peak from `llm_jax.parallel.hardware.peak_flops`
 (datasheet on accelerators, measured on CPU).
 """
 

@@ -8,9 +8,9 @@ materialised) and compiles it ahead of time for a mesh of `num_devices` devices.
 those are fake CPU devices (`--xla_force_host_platform_device_count`); the CLI arranges that.
 
 What comes out:
-  * parameter counts from `llm_jax.flops` (and the count of the model's own abstract
+  * parameter counts from `llm_jax.model.flops` (and the count of the model's own abstract
     parameters, which must agree);
-  * training FLOPs per token and per step from `llm_jax.flops`, beside XLA's cost analysis of
+  * training FLOPs per token and per step from `llm_jax.model.flops`, beside XLA's cost analysis of
     the compiled step. XLA counts a while loop's body once, so the scanned layer stack and
     the gradient-accumulation loop would be undercounted; XLA's number is therefore taken
     from the same step compiled unrolled with one and with two layers and no accumulation,
@@ -20,7 +20,7 @@ What comes out:
     total live at once (outputs aliased to donated arguments counted once). It is the CPU
     compiler's schedule: GPU and TPU compilers fuse and schedule differently, so treat it as
     an estimate to within some tens of percent, not a guarantee;
-  * against a named accelerator (`llm_jax.hardware`): whether that total fits its memory,
+  * against a named accelerator (`llm_jax.parallel.hardware`): whether that total fits its memory,
     and the step time and tokens/s that a given MFU would give.
 """
 
@@ -30,11 +30,12 @@ import time
 import jax
 
 from llm_jax import config as config_lib
-from llm_jax import flops, hardware, sharding
+from llm_jax.model import flops
+from llm_jax.parallel import hardware, sharding
 from llm_jax.errors import UserError
-from llm_jax.model import ModelConfig, Transformer
+from llm_jax.model.transformer import ModelConfig, Transformer
 from llm_jax.train import builder
-from llm_jax.objectives.configured import configured
+from llm_jax.train.recipes import configured
 
 
 def model_param_counts(config) -> dict[str, int]:

@@ -8,12 +8,12 @@ time is the median over the timed calls.
 
 Prefill is one jitted cached forward pass over a batch of prompts of half the context, of
 the model and parameters as `generate` prepares them (`generate.for_decoding`); decode is
-`llm_jax.generate.generate` with an end-of-sequence id that never occurs, so every step
+`llm_jax.inference.generate.generate` with an end-of-sequence id that never occurs, so every step
 runs, minus the prefill of the same batch, per generated token (the call's one preparation
 of the parameters counts as decode time), greedy at each of
 DECODE_BATCH_SIZES and sampled (temperature 1, top-p 0.95) at one; its compile time is the
 first call's time minus the median call's. FLOPs per token and MFU
-come from `llm_jax.flops`, the peak from `llm_jax.hardware` (on CPU a matmul peak measured in
+come from `llm_jax.model.flops`, the peak from `llm_jax.parallel.hardware` (on CPU a matmul peak measured in
 the same run).
 """
 
@@ -24,7 +24,9 @@ import jax
 import numpy as np
 
 from llm_jax import config as config_lib
-from llm_jax import flops, generate, hardware, sharding
+from llm_jax.model import flops
+from llm_jax.inference import generate
+from llm_jax.parallel import hardware, sharding
 from llm_jax.errors import UserError
 from llm_jax.train import builder
 

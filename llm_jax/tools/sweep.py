@@ -32,7 +32,7 @@ import time
 from typing import Any, Iterable
 
 from llm_jax import config as config_lib
-from llm_jax import flops
+from llm_jax.model import flops
 from llm_jax.errors import UserError
 
 BUDGET_KEY = "flops_budget"  # reserved member key: a FLOPs budget, not a config key
@@ -142,7 +142,7 @@ class Member:
   workdir: pathlib.Path
 
   def cost(self) -> dict:
-    """Parameters, tokens and training FLOPs from llm_jax.flops."""
+    """Parameters, tokens and training FLOPs from llm_jax.model.flops."""
     m, t = self.config.model, self.config.train
     tokens = t.steps * t.batch_size * m.context_length
     return {**flops.param_counts(m), "tokens": tokens,
@@ -165,11 +165,11 @@ def load_sweep(path: str) -> Sweep:
   spec.loader.exec_module(module)
   if not hasattr(module, SWEEP_FUNCTION):
     raise UserError(f"Sweep file {file} defines no {SWEEP_FUNCTION}(); add one returning "
-                    "llm_jax.sweep.Sweep(members=..., base=..., overrides=...).")
+                    "llm_jax.tools.sweep.Sweep(members=..., base=..., overrides=...).")
   sweep = getattr(module, SWEEP_FUNCTION)()
   if not isinstance(sweep, Sweep):
     raise UserError(f"{SWEEP_FUNCTION}() in {file} returned {type(sweep).__name__}; return an "
-                    "llm_jax.sweep.Sweep.")
+                    "llm_jax.tools.sweep.Sweep.")
   if not sweep.members:
     raise UserError(f"{SWEEP_FUNCTION}() in {file} returned no members; add at least one.")
   return sweep
