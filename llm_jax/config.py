@@ -8,7 +8,6 @@ with one sentence naming the key, the bad value and what would be valid.
 
 import ast
 import difflib
-import importlib.util
 import json
 import math
 import pathlib
@@ -17,6 +16,7 @@ import ml_collections
 
 from llm_jax.model import flops
 from llm_jax.configs import base
+from llm_jax import paths
 from llm_jax.errors import UserError
 
 _BUNDLED_CONFIGS = pathlib.Path(base.__file__).parent
@@ -81,9 +81,7 @@ def _load_config_file(spec: str) -> ml_collections.ConfigDict:
     path = _BUNDLED_CONFIGS / path.name
   if not path.is_file():
     raise UserError(f"Config file {path_text!r} does not exist; pass --config PATH.py[:variant].")
-  module_spec = importlib.util.spec_from_file_location(f"_llm_jax_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = paths.import_file(path, f"_llm_jax_config_{path.stem}")
   if not hasattr(module, "get_config"):
     raise UserError(f"Config file {path} defines no get_config(); add one returning a ConfigDict.")
   try:
@@ -360,6 +358,11 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 def from_json(text: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(text))
+
+
+def objective_name(config: ml_collections.ConfigDict) -> str:
+  """The objective a config trains, also of one saved before objectives had names."""
+  return config.get("objective", {}).get("name", base.get_config().objective.name)
 
 
 # Model keys that change how the parameters are computed with, not what they are or compute;

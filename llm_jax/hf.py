@@ -296,7 +296,7 @@ def import_model(source, workdir, context_length: int | None = None) -> dict:
                     f"{config.model.vocab_size} rows; the checkpoint and tokenizer do not match.")
   config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
-  model = Transformer(ModelConfig.from_config(config_lib.resolve(config).model))
+  model = checkpoint.model_of(config)
   staging = _new_directory(workdir, "--workdir")
   try:
     with sharding.activate(mesh):

@@ -1,9 +1,9 @@
-"""Checks of the paths a run or a command writes into, made before any work is done.
-
-A bad path fails at once with one sentence, not after a compile or a training run, and
-nothing already written is overwritten.
+"""Paths and files: checks of the paths a run or a command writes into, made before any work
+is done (a bad path fails at once with one sentence, and nothing already written is
+overwritten); writing a file whole or not at all; running a Python file given by its path.
 """
 
+import importlib.util
 import os
 import pathlib
 import shutil
@@ -56,3 +56,18 @@ def undo_new_entries(directory: pathlib.Path) -> Callable[[], None]:
       else:
         path.unlink(missing_ok=True)
   return remove
+
+
+def write_atomically(path: pathlib.Path, data: str | bytes) -> None:
+  """Writes `path` whole or not at all (text as UTF-8): a crash never leaves half a file."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+  tmp.replace(path)
+
+
+def import_file(path: pathlib.Path, name: str):
+  """The module the Python file `path` defines, run as `name`."""
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

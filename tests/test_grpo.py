@@ -18,7 +18,8 @@ from llm_jax.inference import generate as generate_lib
 from llm_jax.parallel.distributed import log
 from llm_jax.errors import UserError
 from llm_jax.objectives import grpo
-from llm_jax.posttrain import judges as rewards
+from llm_jax.objectives.log_probs import token_log_probs
+from llm_jax.posttrain import judges
 from llm_jax.posttrain import rollouts as rollouts_lib
 from llm_jax.train.recipes import configured
 from llm_jax.posttrain.rollouts import grpo_batches
@@ -115,11 +116,11 @@ def test_one_pass_has_ratio_one_and_the_plain_policy_gradient(policy):
   objective = grpo.grpo_objective(epsilon=0.2, beta=0.0, passes=1)
 
   def ours(params):
-    loss_sum, metrics = objective.loss(model, params, batch, None)
+    loss_sum, metrics = objective.loss(model, params, batch)
     return loss_sum / objective.weight(batch), metrics
 
   def policy_gradient(params):
-    log_probs = grpo.token_log_probs(model, params, batch)
+    log_probs = token_log_probs(model, params, batch["inputs"], batch["targets"])
     return -jnp.sum(batch["advantages"][:, None] * log_probs * batch["weights"]) / \
         jnp.sum(batch["weights"])
   (value, metrics), grads = jax.jit(jax.value_and_grad(ours, has_aux=True))(params)
@@ -138,7 +139,8 @@ def test_several_passes_take_the_rollout_policy_from_before_the_first_update(pol
   prepared = jax.jit(grpo.grpo_objective(passes=2, beta=0.0).prepare, static_argnums=0)(
       model, params, batch, None)
   np.testing.assert_allclose(prepared["old_log_probs"],
-                             jax.jit(grpo.token_log_probs, static_argnums=0)(model, params, batch),
+                             jax.jit(token_log_probs, static_argnums=0)(
+                                 model, params, batch["inputs"], batch["targets"]),
                              rtol=1e-6)
   assert "ref_log_probs" not in prepared
   prepare = grpo.grpo_objective(passes=1, beta=0.04).prepare
@@ -217,7 +219,7 @@ def test_rollouts_compile_once_and_prompts_that_do_not_fit_are_counted(base, tas
   sizes = []
   with sharding.activate(mesh):
     for step in range(4):  # different prompts, of different lengths, every step
-      rows, _ = batches.rollout(params, step)
+      rows, _ = batches.next(params, step)
       sizes.append(generate_lib._generate._cache_size())
   assert sizes[1:] == [sizes[0]] * 3
   assert rows["inputs"].shape == (16, 64) and rows["advantages"].shape == (16,)
@@ -266,10 +268,9 @@ def _two_steps(config, base, devices, workdir):
   """Two GRPO steps on a mesh over `devices`: (metrics of each, final parameters)."""
   resolved = config_lib.resolve(config)
   mesh = sharding.make_mesh(config.mesh, devices)
-  objective, batch_source, frozen = configured(config)
-  reference = frozen(mesh, str(base))
-  built = builder.build(resolved, mesh, objective,
-                        jax.tree.map(lambda x: x.sharding, reference))
+  objective, batch_source = configured(config)
+  built = builder.build(resolved, mesh, objective)
+  _, _, reference = checkpoint.load(base, mesh, log, model=built.model)
   state = built.init_state()
   state = state.replace(params=checkpoint.open_init_source(base, log).params(
       state.params, config, log))
@@ -277,7 +278,7 @@ def _two_steps(config, base, devices, workdir):
   history = []
   with sharding.activate(mesh):
     for step in range(2):
-      rows, host = batches.rollout(state.params, step)
+      rows, host = batches.next(state.params, step)
       state, metrics = built.train_step(state, built.global_batch(rows), reference)
       history.append({**jax.device_get(metrics), **host})
   return history, jax.device_get(state.params)
@@ -304,7 +305,7 @@ def test_a_sharded_run_equals_one_device(base, task, tmp_path):
 
 def _judge(task, reward, errors="stop"):
   rl = config_lib.load_config(None, [f"rl.reward={reward}", f"rl.reward_errors={errors}"]).rl
-  return rewards.judge(rl, tiny_config().mesh)
+  return judges.judge(rl, tiny_config().mesh)
 
 
 def _record(prompt, **fields):

@@ -34,7 +34,7 @@ def test_settings_are_left_alone(environ):
 
 @glibc_linux
 def test_reexec_keeps_the_process_and_sets_the_environment():
-  script = ("import os; from llm_jax import host_memory; "
+  script = ("import os; from llm_jax.parallel import host_memory; "
             "print(os.getpid(), os.environ.get('MALLOC_MMAP_MAX_'), flush=True); "
             "host_memory.reexec_with_tuned_malloc()")
   environment = {k: v for k, v in os.environ.items()

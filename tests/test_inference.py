@@ -116,6 +116,20 @@ def test_bad_generate_input_is_one_clear_line(capsys, workdir, args, words):
   assert len(message) == 1 and words in message[0]
 
 
+def test_the_library_names_parameters_and_the_command_line_its_flags(capsys, run, workdir):
+  for call, name in ((lambda: run.generate("def", 4, temperature=1.0, top_k=0), "top_k=0"),
+                     (lambda: run.next_token_distribution("def", top=0), "top=0"),
+                     (lambda: run.evaluate(max_tokens=-1), "max_tokens=-1")):
+    with pytest.raises(UserError) as error:
+      call()
+    assert name in str(error.value) and "--" not in str(error.value)
+  for args, flag in ((["generate", "--prompt", "def", "--temperature", "1", "--top_k", "0"],
+                      "--top_k=0"), (["predict", "--prompt", "def", "--top", "0"], "--top=0"),
+                     (["eval", "--max_tokens", "-1"], "--max_tokens=-1")):
+    status, _, err = _cli(capsys, *args[:1], "--workdir", str(workdir), *args[1:])
+    assert status == 2 and flag in err, err
+
+
 def test_a_workdir_without_a_checkpoint_is_refused(capsys, tmp_path):
   for command in (["generate", "--prompt", "x"], ["predict", "--prompt", "x"], ["eval"]):
     status, _, err = _cli(capsys, *command, "--workdir", str(tmp_path))

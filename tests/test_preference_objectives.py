@@ -57,7 +57,7 @@ def policy():
 
 
 def _mean_loss(objective, model, params, batch):
-  loss_sum, metrics = objective.loss(model, params, batch, None)
+  loss_sum, metrics = objective.loss(model, params, batch)
   return loss_sum / objective.weight(batch), metrics
 
 

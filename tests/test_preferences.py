@@ -12,6 +12,7 @@ from llm_jax.data import chat_template, preferences, sources
 from llm_jax.data.documents import Subset
 from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.errors import UserError
+from llm_jax.objectives.pairs import last_response_position
 
 from conftest import stdlib_texts
 
@@ -123,18 +124,18 @@ def test_weights_cover_exactly_the_response_and_its_closing_token(tokenizer, fmt
     assert scored[0] + 1 == len(fmt.prompt(prompt))
 
 
-def test_reward_index_is_the_last_response_token(fmt):
+def test_a_reward_is_read_at_the_last_response_token(fmt):
   pair = _pair(7)
   length = max(len(fmt.encode(pair["prompt"] + pair[side])[0]) for side in preferences.SIDES)
   encoded = preferences.encode_pair(fmt, pair, length)  # the longer side fits exactly
   for side in preferences.SIDES:
-    index = preferences.reward_index(encoded[f"{side}_weights"])
+    index = int(last_response_position(encoded[f"{side}_weights"][None])[0])
     inputs = encoded[f"{side}_inputs"]
     assert index < length and inputs[index] == fmt.stop_id and not inputs[index + 1:].any()
     weights = encoded[f"{side}_weights"]
     assert weights[index - 1] == 1 and not weights[index:].any()
   assert preferences.encode_pair(fmt, pair, length - 1) is None
-  assert preferences.reward_index(np.zeros((2, 8), np.float32)).tolist() == [0, 0]
+  assert last_response_position(np.zeros((2, 8), np.float32)).tolist() == [0, 0]
 
 
 def test_too_long_pairs_are_none_and_counted(fmt):
@@ -144,9 +145,7 @@ def test_too_long_pairs_are_none_and_counted(fmt):
   counts, used = preferences.pair_statistics(pairs, fmt, 48)
   assert used.dtype == np.int64 and used.tolist() == [0, 1, 3, 4, 6, 7]
   assert preferences.encode_pair(fmt, pairs[2], 48) is None
-  tokens = sum(len(fmt.encode(pairs[i]["prompt"] + pairs[i][side])[0])
-               for i in used for side in preferences.SIDES)
-  assert counts == {"used": 6, "too_long": 2, "tokens": tokens}
+  assert counts == {"used": 6, "too_long": 2}
 
 
 # Training batches.

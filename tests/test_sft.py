@@ -17,6 +17,7 @@ from llm_jax import cli, config as config_lib
 from llm_jax.data import hf_tokenizer
 from llm_jax.errors import UserError
 from llm_jax.inference.run import load_run
+from llm_jax.cli.train import end_of_run_sample
 from llm_jax.train.loop import train
 
 from conftest import TINY_OVERRIDES, build, snapshot, tiny_config
@@ -92,7 +93,8 @@ def test_fine_tuning_trains_on_assistant_tokens_only_and_learns_them(sft):
   assert all(0 < r["target_tokens"] < 8 * 96 / 4 for r in trained)
   evaluations = [r["val_loss"] for r in rows if "val_loss" in r]
   assert evaluations[-1] < evaluations[0]
-  assert summary["sample"].startswith("user: What does `json.dumps` do?\nassistant: ")
+  sample = end_of_run_sample(config_lib.from_json((workdir / "config.json").read_text()), workdir)
+  assert sample.startswith("user: What does `json.dumps` do?\nassistant: ")
 
 
 def _direct_assistant_loss(run, messages) -> tuple[float, int]:

@@ -82,7 +82,7 @@ def test_printed_commands_rebuild_each_members_config(tmp_path):
 
 def _write_sweep_file(path, members: dict, **overrides) -> str:
   path.write_text(textwrap.dedent(f"""\
-      from llm_jax import sweep
+      from llm_jax.tools import sweep
       def get_sweep():
         return sweep.Sweep(members={members!r}, overrides={({**TINY, **overrides})!r})
       """))

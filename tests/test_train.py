@@ -10,6 +10,7 @@ import pytest
 from llm_jax import cli
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
+from llm_jax.cli.train import end_of_run_sample
 from llm_jax.train.loop import train
 
 from conftest import snapshot, tiny_config
@@ -32,7 +33,7 @@ def trained(text_corpus, tmp_path_factory):
 
 
 def test_run_directory_and_metrics(trained):
-  _, workdir, summary = trained
+  config, workdir, summary = trained
   for name in ("config.json", "tokenizer.model", "metrics.jsonl", "checkpoints/30"):
     assert (workdir / name).exists(), name
   assert list((workdir / "tensorboard").iterdir())
@@ -43,7 +44,7 @@ def test_run_directory_and_metrics(trained):
     assert row["tokens_per_sec"] > 0 and 0 < row["mfu"] < 1
   assert [r["step"] for r in rows if "val_loss" in r] == [10, 20, 30]
   assert summary["val_perplexity"] == pytest.approx(math.exp(summary["val_loss"]))
-  assert summary["sample"].startswith("def ")
+  assert end_of_run_sample(config, workdir).startswith("def ")
 
 
 def test_loss_falls(trained):

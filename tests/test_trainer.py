@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax.parallel import sharding
 from llm_jax.data.batches import BatchSource
 from llm_jax.errors import UserError
 from llm_jax.objectives import Objective
@@ -22,10 +21,10 @@ from conftest import tiny_config
 LABELS = (5, 9)
 
 
-def _classify(model, params, batch, frozen):
-  """Cross-entropy of the row's label (one of `frozen`'s ids) at the last position."""
+def _classify(model, params, batch):
+  """Cross-entropy of the row's label (one of the LABELS ids) at the last position."""
   logits_BV = model.apply({"params": params}, batch["tokens"])[:, -1].astype(jnp.float32)
-  label_B = frozen["label_ids"][batch["label"]]
+  label_B = jnp.asarray(LABELS, jnp.int32)[batch["label"]]
   log_probs_BV = jax.nn.log_softmax(logits_BV)
   losses_B = -jnp.take_along_axis(log_probs_BV, label_B[:, None], axis=1)[:, 0]
   correct_B = jnp.argmax(logits_BV, axis=-1) == label_B
@@ -70,11 +69,6 @@ def _source(tokenizer, created):
   return make
 
 
-def _frozen(mesh, init_from):
-  del init_from  # the labels are the same wherever the run starts
-  return jax.device_put({"label_ids": jnp.asarray(LABELS, jnp.int32)}, sharding.replicated(mesh))
-
-
 def _config(*extra):
   return tiny_config("train.sample_tokens=0", "train.learning_rate=1e-2", *extra)
 
@@ -82,7 +76,7 @@ def _config(*extra):
 def test_an_objective_written_here_trains_and_resumes_through_the_shared_loop(
     tmp_path, tokenizer):
   created = []
-  summary = loop.train(_config(), tmp_path, CLASSIFY, _source(tokenizer, created), _frozen)
+  summary = loop.train(_config(), tmp_path, CLASSIFY, _source(tokenizer, created))
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert {"loss", "accuracy", "rows", "grad_norm"} <= rows[0].keys()
   assert rows[0]["rows"] == 8
@@ -91,16 +85,16 @@ def test_an_objective_written_here_trains_and_resumes_through_the_shared_loop(
   assert created[0].read == list(range(30))
 
   longer = _config("train.steps=40")
-  loop.train(longer, tmp_path, CLASSIFY, _source(tokenizer, created), _frozen)
+  loop.train(longer, tmp_path, CLASSIFY, _source(tokenizer, created))
   assert created[1].read == list(range(30, 40))  # the batch source's position was restored
 
 
-def _slow(model, params, batch, frozen):
+def _slow(model, params, batch):
   """The classifier's loss plus a long chain of matmuls that changes nothing but its cost."""
   x = jnp.full((256, 256), 1e-3, jnp.float32)
   for _ in range(12):
     x = jnp.tanh(x @ x)
-  loss, metrics = _classify(model, params, batch, frozen)
+  loss, metrics = _classify(model, params, batch)
   return loss + 0.0 * jnp.sum(x), metrics
 
 
@@ -114,17 +108,17 @@ def test_the_loop_dispatches_each_step_before_reading_the_one_before(tmp_path, t
     built = real_build(*args, **kwargs)
     outputs = []
 
-    def train_step(state, batch, frozen):
+    def train_step(state, batch, reference):
       if outputs:
         ready_at_dispatch.append(outputs[-1].is_ready())
-      state, metrics = built.train_step(state, batch, frozen)
+      state, metrics = built.train_step(state, batch, reference)
       outputs.append(metrics["loss"])
       return state, metrics
     return dataclasses.replace(built, train_step=train_step)
 
   monkeypatch.setattr(loop.builder, "build", recording_build)
   loop.train(_config("train.steps=12", "train.eval_every=0", "train.checkpoint_every=0"),
-             tmp_path, slow, _source(tokenizer, []), _frozen)
+             tmp_path, slow, _source(tokenizer, []))
   assert len(ready_at_dispatch) == 11
   # Each step takes tens of milliseconds on the devices and far less on the host: a loop that
   # waited for step N before dispatching N+1 would find it ready every time.

@@ -6,6 +6,7 @@ their handlers, so `--help` stays fast and `plan` can set XLA_FLAGS before JAX s
 """
 
 import argparse
+import re
 import sys
 
 from llm_jax.parallel import host_memory
@@ -30,9 +31,18 @@ def main(argv: list[str] | None = None) -> int:
   try:
     args.handler(args, common.split_overrides(extra))
   except UserError as e:
-    print(f"llm-jax: error: {e}", file=sys.stderr)
+    print(f"llm-jax: error: {_as_flags(str(e), argv)}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print("llm-jax: interrupted", file=sys.stderr)
     return 130
   return 0
+
+
+def _as_flags(message: str, argv: list[str]) -> str:
+  """A library message naming a parameter the command line set as a flag (`top=0`) names the
+  flag instead (`--top=0`)."""
+  flags = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
+  for name in flags - {"config"}:
+    message = re.sub(rf"(?<![\w.\-']){re.escape(name)}=", f"--{name}=", message)
+  return message

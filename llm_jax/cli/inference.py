@@ -110,7 +110,6 @@ def _notice(text: str) -> None:
 
 
 def _predict(args, overrides) -> None:
-  from llm_jax.inference.run import plot_distribution
   plot = paths.check_new_file(args.plot, "--plot", replace=True) if args.plot else None
   run = _load_run(args, overrides)
   distribution = run.next_token_distribution(args.prompt, **common.given(args, "top"))
@@ -125,7 +124,7 @@ def _predict(args, overrides) -> None:
           f"{distribution.rest:.6f}")
   if plot:
     plot.parent.mkdir(parents=True, exist_ok=True)
-    plot_distribution(distribution, args.prompt, plot)
+    _plot_distribution(distribution, args.prompt, plot)
     print(f"Wrote {args.plot}", file=sys.stderr)
 
 
@@ -240,3 +239,26 @@ def add_commands(commands) -> None:
   reward.add_argument("--response", required=True, help="the assistant's answer to score")
   reward.add_argument("--json", action="store_true", help="print one JSON object")
   reward.set_defaults(handler=_reward)
+
+
+def _plot_distribution(distribution, prompt: str, path) -> None:
+  """Saves a bar chart of `distribution` (the top tokens and the rest) as a PNG."""
+  import matplotlib
+  matplotlib.use("Agg")  # files only; no display needed
+  import matplotlib.pyplot as plt
+
+  labels = [repr(t.piece) for t in distribution.top] + [
+      f"rest ({distribution.rest_count} tokens)"]
+  values = [t.probability for t in distribution.top] + [distribution.rest]
+  figure, axes = plt.subplots(figsize=(7, 0.35 * len(labels) + 1.2))
+  bars = axes.barh(range(len(labels)), values, color=["C0"] * len(distribution.top) + ["0.6"])
+  axes.bar_label(bars, labels=[f"{v:.3f}" for v in values], padding=2, fontsize=8)
+  axes.set_yticks(range(len(labels)), labels, fontsize=8)
+  axes.invert_yaxis()
+  axes.set_xlim(0, min(1.0, max(values) * 1.15 + 0.02))
+  axes.set_xlabel("probability of the next token")
+  shown = prompt if len(prompt) <= 60 else "…" + prompt[-59:]
+  axes.set_title(f"after {shown!r}", fontsize=9)
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)

@@ -1,10 +1,12 @@
 """Batch sources: what the training loop reads, whatever the objective.
 
-A `BatchSource` holds an iterator over this process's rows of each global training batch
-(dicts of numpy arrays) whose position is saved in every checkpoint (`get_state` /
-`set_state`), this process's rows of a fixed set of evaluation batches, the tokenizer the run
-saves with its checkpoints, and the chat format when the data holds conversations. The loop
-never looks inside a batch.
+A `BatchSource` answers one call, `next(params, step)`: this process's rows of step `step`'s
+global batch (dicts of numpy arrays) and the step's host metrics. Text sources ignore the
+parameters; RL's rollouts (`llm_jax.posttrain.rollouts`) sample from them. Its `train`
+iterator's position (`get_state` / `set_state`) is saved in every checkpoint. It also holds a
+fixed set of evaluation batches (or an evaluation of its own), the tokenizer the run saves
+with its checkpoints, and the chat format when the data holds conversations. The loop never
+looks inside a batch.
 """
 
 import dataclasses
@@ -13,27 +15,33 @@ from collections.abc import Callable, Iterator
 import jax
 import numpy as np
 
-from llm_jax.data import chat_template, pipeline, preferences, sources
+from llm_jax.data import chat_template, pipeline, sources
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.data.chat_template import ChatFormat
 from llm_jax.data.documents import Documents, Source, Subset
 from llm_jax.data.tokenizer import Tokenizer
-from llm_jax.parallel.distributed import log
 from llm_jax.errors import UserError
+from llm_jax.parallel.distributed import log
 
 
 @dataclasses.dataclass
 class BatchSource:
-  train: Iterator[dict[str, np.ndarray]]  # with get_state() and set_state(state)
+  # The rows of each training batch in order (or what `draw` reads, RL's prompts), with
+  # get_state() and set_state(state): the position every checkpoint keeps.
+  train: Iterator
   evaluation: list[dict[str, np.ndarray]]
   tokenizer: Tokenizer
   chat_format: ChatFormat | None = None  # how the data's conversations are encoded, if any
-  # RL: batches the model being trained generates. rollout(params, step) returns this
-  # process's rows of step `step` and host metrics; `train` then iterates over its prompts.
-  rollout: Callable | None = None
+  # draw(params, step) -> (rows, host metrics) for batches the model being trained makes
+  # (RL's rollouts); None: the next rows of `train`.
+  draw: Callable | None = None
   # An evaluation of its own, evaluate(params) -> {"val_<metric>": value}, instead of
   # `evaluation` batches (RL: rewards of answers to validation prompts).
   evaluate: Callable | None = None
+
+  def next(self, params, step: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """This process's rows of step `step`'s batch, and the step's host metrics."""
+    return self.draw(params, step) if self.draw else (next(self.train), {})
 
 
 def text_batches(config, workdir, inherited_tokenizer: bytes | None = None) -> BatchSource:
@@ -112,64 +120,3 @@ def _log_chat_statistics(source: Source, counts: dict, context: int, truncate: b
   log(f"{source.spec}: {counts['used']} training conversations used, {long}; "
       f"{counts['tokens']} tokens of which {counts['target_tokens']} are assistant targets; "
       f"an epoch packs into {counts['rows']} rows, {filled:.1%} of their tokens non-padding")
-
-
-@dataclasses.dataclass
-class PreferencePairs:
-  """A run's preference pairs, those that fit the context, and how they are encoded."""
-  tokenizer: Tokenizer
-  chat_format: ChatFormat
-  train: Documents
-  validation: Documents
-
-
-def preference_pairs(config, workdir, inherited_tokenizer: bytes | None = None
-                     ) -> PreferencePairs:
-  """The pairs of `data.source` (a `preferences:` source) that fit `model.context_length`,
-  after one pass over each split that logs how many do not."""
-  if config.data.mixture or not config.data.source.startswith("preferences:"):
-    raise UserError(f"objective.name={config.objective.name!r} trains on preference pairs; set "
-                    "--config.data.source='preferences:<glob>' (and no data.mixture).")
-  source = sources.open_source(config.data.source, config.data)
-  log(source.summary())
-  workdir.mkdir(parents=True, exist_ok=True)
-  tokenizer = tokenizer_lib.for_run(config, [(source, 1.0)], workdir, inherited_tokenizer)
-  chat_format = chat_template.chat_format(tokenizer)
-  context = config.model.context_length
-  fitting = {}
-  for split in ("train", "validation"):
-    pairs = getattr(source, split)
-    counts, used = preferences.pair_statistics(pairs, chat_format, context)
-    log(f"{source.spec}, {split}: {counts['used']} pairs used, {counts['too_long']} dropped as "
-        f"longer than the context of {context} tokens")
-    fitting[split] = Subset(pairs, used)
-  if not len(fitting["train"]):
-    raise UserError(f"No training pair of {source.spec} fits the context of {context} tokens, "
-                    "so there is nothing to train on; raise model.context_length or give "
-                    "shorter pairs.")
-  return PreferencePairs(tokenizer, chat_format, fitting["train"], fitting["validation"])
-
-
-def pair_batch_source(config, pairs: PreferencePairs, extra_train=None, extra_validation=None
-                      ) -> BatchSource:
-  """Batches of `pairs` (`preferences.pair_batches`); `extra_*(index)` adds an objective's
-  per-pair arrays (DPO's reference log-probabilities)."""
-  t, context = config.train, config.model.context_length
-  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train = iter(preferences.pair_batches(pairs.train, pairs.chat_format, context, t.batch_size,
-                                        seed=t.seed, extra=extra_train, **process))
-  num_pairs = max(1, t.eval_tokens // context)
-  evaluation = preferences.evaluation_pair_batches(
-      pairs.validation, pairs.chat_format, context, t.batch_size, num_pairs,
-      extra=extra_validation, **process)
-  if not evaluation:
-    raise UserError(f"No validation pair fits the context of {context} tokens; raise "
-                    "model.context_length or data.val_fraction.")
-  log(f"Evaluation: {len(evaluation)} batches of validation pairs")
-  return BatchSource(train, evaluation, pairs.tokenizer, pairs.chat_format)
-
-
-def preference_batches(config, workdir, inherited_tokenizer: bytes | None = None
-                       ) -> BatchSource:
-  """Batches of the preference pairs of `data.source` (a reward model's)."""
-  return pair_batch_source(config, preference_pairs(config, workdir, inherited_tokenizer))

@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 
+from llm_jax import paths
 from llm_jax.errors import UserError
 
 TOKENIZER_JSON, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
@@ -118,9 +119,9 @@ class HFTokenizer:
     """Writes tokenizer_config.json, then tokenizer.json (whose presence marks both done)."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / TOKENIZER_CONFIG,
-                      json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
-    _write_atomically(directory / TOKENIZER_JSON, self.tokenizer_json)
+    paths.write_atomically(directory / TOKENIZER_CONFIG,
+                           json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
+    paths.write_atomically(directory / TOKENIZER_JSON, self.tokenizer_json)
 
   # The two resolved files are a complete Hugging Face tokenizer directory.
   export_hf = save
@@ -129,12 +130,6 @@ class HFTokenizer:
 def _content(token) -> str:
   """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
   return token["content"] if isinstance(token, dict) else str(token)
-
-
-def _write_atomically(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text, encoding="utf-8")
-  tmp.replace(path)
 
 
 def _is_llama(config: dict) -> bool:

@@ -116,8 +116,8 @@ def encode_pair(chat_format: ChatFormat, pair: dict, max_tokens: int
   padded with 0), `targets` (the ids shifted left by one, padded) and `weights` (1 at t when
   target t, the id at t + 1, is a response token or one that closes it; 0 elsewhere and on
   padding). A reward is read at the last response token: index = (last t with weight 1) + 1
-  (`reward_index`), the token closing the response (our template's end-of-turn) as an input,
-  always < max_tokens, since a side fits whole.
+  (`objectives.pairs.last_response_position`), the token closing the response (our template's
+  end-of-turn) as an input, always < max_tokens, since a side fits whole.
   """
   sides = {side: _side(chat_format, pair["prompt"], pair[side], max_tokens) for side in SIDES}
   if any(encoded is None for encoded in sides.values()):
@@ -126,26 +126,17 @@ def encode_pair(chat_format: ChatFormat, pair: dict, max_tokens: int
           for key, array in encoded.items()}
 
 
-def reward_index(weights: np.ndarray) -> np.ndarray:
-  """Where a reward is read in rows of `weights` (the last axis): (last t with weight 1) + 1,
-  the position of the last response token as an input; 0 for an empty (padding) row."""
-  last_from_end = np.argmax(weights[..., ::-1] > 0, axis=-1)
-  return np.where((weights > 0).any(axis=-1), weights.shape[-1] - last_from_end, 0)
-
-
 def pair_statistics(pairs: Documents, chat_format: ChatFormat, max_tokens: int
                     ) -> tuple[dict[str, int], np.ndarray]:
-  """One pass over `pairs`: the counts of those used and too long, the tokens of the used
-  ones (both sides, padding not counted), and the indices of the used ones."""
-  counts, used = dict(used=0, too_long=0, tokens=0), []
+  """One pass over `pairs`: the counts of those used and too long, and the indices of the
+  used ones."""
+  counts, used = dict(used=0, too_long=0), []
   for index in range(len(pairs)):
     encoded = encode_pair(chat_format, pairs[index], max_tokens)
     if encoded is None:
       counts["too_long"] += 1
       continue
     counts["used"] += 1
-    # A side ends with the last response token, so it is that long plus one.
-    counts["tokens"] += sum(int(reward_index(encoded[f"{side}_weights"])) + 1 for side in SIDES)
     used.append(index)
   return counts, np.asarray(used, np.int64)
 

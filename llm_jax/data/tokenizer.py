@@ -20,6 +20,7 @@ from llm_jax.data import hf_tokenizer, sources
 from llm_jax.data.chat_template import CHAT_TOKENS, OWN_FORMAT_JINJA
 from llm_jax.data.documents import Source
 from llm_jax.parallel.distributed import is_primary, log
+from llm_jax import paths
 from llm_jax.errors import UserError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -93,9 +94,7 @@ class SentencePieceTokenizer:
     path = pathlib.Path(path)
     if path.is_dir():
       path = path / "tokenizer.model"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(self.model_proto)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written tokenizer
+    paths.write_atomically(path, self.model_proto)
 
   def export_hf(self, out_dir) -> None:
     """A tokenizer.json that encodes exactly as SentencePiece does (`hf_tokenizer.

@@ -317,15 +317,15 @@ def beam_search(params, model: Transformer, prompts: list[list[int]], max_new_to
   With `beams=1` this is greedy decoding.
   """
   if beams < 1:
-    raise UserError(f"--beams={beams} must be at least 1 (1 is greedy decoding).")
+    raise UserError(f"beams={beams} must be at least 1 (1 is greedy decoding).")
   if beams > model.config.vocab_size:
-    raise UserError(f"--beams={beams} exceeds the vocabulary of {model.config.vocab_size} "
+    raise UserError(f"beams={beams} exceeds the vocabulary of {model.config.vocab_size} "
                     "tokens; use fewer beams.")
   if not 1 <= num_return <= beams:
     raise UserError(f"Asked for {num_return} sequences per prompt from {beams} beams; ask for "
                     "between 1 and the number of beams.")
   if not length_penalty >= 0:
-    raise UserError(f"--length_penalty={length_penalty} must be 0 or positive.")
+    raise UserError(f"length_penalty={length_penalty} must be 0 or positive.")
   _check_max_new_tokens(max_new_tokens)
   prompt_BP, lengths_B = _padded_prompts(model, prompts, max_new_tokens)
   out_BWS, totals_BW, scores_BW = jax.device_get(_beam_search(

@@ -17,7 +17,6 @@ It never writes to the run directory. Token-level work is in `llm_jax.inference.
 
 import dataclasses
 import functools
-import math
 import pathlib
 from collections.abc import Iterator, Sequence
 
@@ -31,13 +30,11 @@ from llm_jax.inference import sampling
 from llm_jax import config as config_lib
 from llm_jax.inference import evaluate as evaluate_lib
 from llm_jax.inference import generate as generate_lib
-from llm_jax.data import chat_template, conversations, sources
-from llm_jax.data import files as files_lib
-from llm_jax.data.documents import Documents
+from llm_jax.data import chat_template, conversations
 from llm_jax.data.tokenizer import Tokenizer, tokenizer_from_bytes
 from llm_jax.parallel.distributed import log
 from llm_jax.errors import UserError
-from llm_jax.model.transformer import ModelConfig, Transformer
+from llm_jax.model.transformer import Transformer
 
 # New tokens when none are asked for: the rest of the context, but at most this many.
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -94,9 +91,9 @@ class Run:
     if not prompt_ids:
       raise UserError("No prompts were given; give at least one.")
     if num_samples < 1:
-      raise UserError(f"--num_samples={num_samples} must be at least 1.")
+      raise UserError(f"num_samples={num_samples} must be at least 1.")
     if batch_size < 1:
-      raise UserError(f"--batch_size={batch_size} must be at least 1.")
+      raise UserError(f"batch_size={batch_size} must be at least 1.")
     sampling.check_options(temperature, top_k, top_p, self.tokenizer.vocab_size)
     if max_new_tokens is None:
       max_new_tokens = self._room_after(max(len(p) for p in prompt_ids))
@@ -104,8 +101,8 @@ class Run:
     with sharding.activate(self.mesh):
       if beams != 1:
         if temperature > 0 or top_k is not None or top_p < 1:
-          raise UserError("Beam search is deterministic; drop --temperature, --top_k and "
-                          "--top_p, or use --beams 1 to sample.")
+          raise UserError("Beam search is deterministic; drop temperature, top_k and top_p, "
+                          "or use beams=1 to sample.")
         new_ids = []
         for chunk in _chunks(prompt_ids, batch_size):
           for hypotheses in generate_lib.beam_search(
@@ -115,8 +112,8 @@ class Run:
             new_ids += [h.tokens for h in hypotheses]
       else:
         if num_samples > 1 and temperature == 0:
-          raise UserError(f"--num_samples={num_samples} with temperature 0 (greedy) would "
-                          "repeat one text; set --temperature above 0 or use --beams.")
+          raise UserError(f"num_samples={num_samples} with temperature=0 (greedy) would "
+                          "repeat one text; set temperature above 0 or use beams.")
         # Each prompt is prefilled once for its samples; every chunk has the same number of
         # rows (the last one padded with its final prompt), so all compile to one program.
         per_chunk = max(1, batch_size // num_samples)
@@ -185,16 +182,13 @@ class Run:
     turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     messages = conversations.checked(turns + [{"role": "assistant", "content": response}],
                                      "score")
-    ids, mask = self.chat_format.encode(messages)
-    context = self.model.config.context_length
-    if len(ids) > context:
-      raise UserError(f"The prompt and response are {len(ids)} tokens, more than the context "
-                      f"of {context}; shorten them.")
-    tokens = np.zeros((1, context), np.int32)
-    tokens[0, :len(ids)] = ids
-    with sharding.activate(self.mesh):
-      rewards = _scores(self.params, tokens, model=self.model)
-    return float(np.asarray(rewards)[0, np.flatnonzero(mask)[-1]])
+    (score,), (fits,) = evaluate_lib.score_responses(self.params, self.model, self.chat_format,
+                                                     [messages], mesh=self.mesh)
+    if not fits:
+      raise UserError(f"The prompt and response are {len(self.chat_format.encode(messages)[0])} "
+                      f"tokens, more than the context of {self.model.config.context_length}; "
+                      "shorten them.")
+    return float(score)
 
   @functools.cached_property
   def chat_format(self) -> chat_template.ChatFormat:
@@ -238,7 +232,7 @@ class Run:
     self._language_model()
     vocab = self.tokenizer.vocab_size
     if not 1 <= top <= vocab:
-      raise UserError(f"--top={top} must be between 1 and the vocabulary size {vocab}.")
+      raise UserError(f"top={top} must be between 1 and the vocabulary size {vocab}.")
     with sharding.activate(self.mesh):
       probs_V = generate_lib.next_token_probs(self.params, self.model,
                                               [self.encode_prompt(prompt)], vocab)[0]
@@ -250,85 +244,11 @@ class Run:
 
   def evaluate(self, files: str | None = None, max_tokens: int = 0,
                batch_size: int | None = None, chat: str | None = None) -> dict:
-    """Loss and perplexity (see `llm_jax.inference.evaluate`) with the counts behind them.
-
-    Scores the run's validation split, every document of the files matching `files` (and
-    their bits per byte), or the assistant tokens of the conversations in the `.jsonl` files
-    matching `chat`. `batch_size` (default: the run's) is rounded up to divide over the mesh.
-    """
+    """Loss and perplexity with the counts behind them, of the run's validation split, of the
+    files matching `files` or of the conversations matching `chat`
+    (`llm_jax.inference.evaluate.score_run`)."""
     self._language_model()
-    batch_size = batch_size or self.config.train.batch_size
-    if batch_size < 1:
-      raise UserError(f"--batch_size={batch_size} must be at least 1.")
-    if max_tokens < 0:
-      raise UserError(f"--max_tokens={max_tokens} must be 0 (everything) or positive.")
-    data_parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    batch_size = math.ceil(batch_size / data_parallel) * data_parallel
-    if files and chat:
-      raise UserError("Give --files or --chat, not both.")
-    if chat and max_tokens:
-      raise UserError("--max_tokens limits text scoring; --chat scores every conversation.")
-    if chat:
-      source = conversations.open_all_chats(chat)
-      return {**self._score_conversations([source.train], batch_size),
-              "skipped": {reason: n for reason, n in source.skipped.items() if n}}
-    if files:
-      documents = [files_lib.open_files(files, 0.0, text_key=self.config.data.text_key,
-                                        split=False).train]
-    else:
-      mixture = sources.open_sources(self.config.data)
-      kinds = {source.kind for source, _ in mixture}
-      if "preferences" in kinds:
-        raise UserError("This run trained on preference pairs; its validation loss and "
-                        "accuracy are in metrics.jsonl (val_loss, val_accuracy).")
-      if "prompts" in kinds:
-        raise UserError("This run learned from its answers to prompts; the reward of its "
-                        "answers to validation prompts is in metrics.jsonl (val_reward); score "
-                        "text with --files or conversations with --chat.")
-      if kinds == {"chat"}:
-        return self._score_conversations([source.validation for source, _ in mixture],
-                                         batch_size)
-      if len(kinds) > 1:
-        raise UserError("This run trained on text and conversations; score each with --files "
-                        "or --chat.")
-      documents = [source.validation for source, _ in mixture]
-    return evaluate_lib.score_texts(
-        self.params, self.model, self.tokenizer, _each_document(documents), mesh=self.mesh,
-        batch_size=batch_size, max_tokens=max_tokens)
-
-  def _score_conversations(self, collections: list[Documents], batch_size: int) -> dict:
-    return evaluate_lib.score_conversations(
-        self.params, self.model, self.chat_format, _each_document(collections),
-        mesh=self.mesh, batch_size=batch_size)
-
-
-@functools.partial(jax.jit, static_argnames="model")
-def _scores(params, tokens, *, model):
-  """A reward model's score at every position (one compiled program per model)."""
-  return model.apply({"params": params}, tokens)
-
-
-def plot_distribution(distribution: Distribution, prompt: str, path) -> None:
-  """Saves a bar chart of `distribution` (the top tokens and the rest) as a PNG."""
-  import matplotlib
-  matplotlib.use("Agg")  # files only; no display needed
-  import matplotlib.pyplot as plt
-
-  labels = [repr(t.piece) for t in distribution.top] + [
-      f"rest ({distribution.rest_count} tokens)"]
-  values = [t.probability for t in distribution.top] + [distribution.rest]
-  figure, axes = plt.subplots(figsize=(7, 0.35 * len(labels) + 1.2))
-  bars = axes.barh(range(len(labels)), values, color=["C0"] * len(distribution.top) + ["0.6"])
-  axes.bar_label(bars, labels=[f"{v:.3f}" for v in values], padding=2, fontsize=8)
-  axes.set_yticks(range(len(labels)), labels, fontsize=8)
-  axes.invert_yaxis()
-  axes.set_xlim(0, min(1.0, max(values) * 1.15 + 0.02))
-  axes.set_xlabel("probability of the next token")
-  shown = prompt if len(prompt) <= 60 else "…" + prompt[-59:]
-  axes.set_title(f"after {shown!r}", fontsize=9)
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+    return evaluate_lib.score_run(self, files, max_tokens, batch_size, chat)
 
 
 def _chunk_seed(seed: int, index: int) -> int:
@@ -339,12 +259,6 @@ def _chunk_seed(seed: int, index: int) -> int:
 def _chunks(items: list, size: int) -> Iterator[list]:
   for start in range(0, len(items), size):
     yield items[start:start + size]
-
-
-def _each_document(collections: list[Documents]) -> Iterator[str]:
-  for documents in collections:
-    for index in range(len(documents)):
-      yield documents[index]
 
 
 def _inference_mesh(config, mesh_overrides: Sequence[str]) -> Mesh:
@@ -379,17 +293,9 @@ def load_run(workdir, mesh_overrides: Sequence[str] = (), step: int | None = Non
   if step is not None and step not in steps:
     raise UserError(f"{workdir} has no checkpoint at step {step}; it has steps "
                     f"{', '.join(map(str, steps))}.")
-  checkpointer = checkpoint.Checkpointer(directory, read_only=True)
-
-  def load(step):
-    meta = checkpointer.metadata(step)
-    config = config_lib.from_json(meta["config"])
-    mesh = _inference_mesh(config, mesh_overrides)
-    model = Transformer(ModelConfig.from_config(config_lib.resolve(config).model))
-    params = checkpointer.restore_params(step, sharding.abstract_params(model, mesh))
-    return Run(workdir, step, config, model, params, tokenizer_from_bytes(meta["tokenizer"]), mesh)
-
-  run, _ = checkpoint.restore_newest(checkpointer, load, log, None if step is None else [step])
-  if run is None:
-    raise UserError(f"No checkpoint in {directory} could be read; see the messages above.")
-  return run
+  source, model, params = checkpoint.load(
+      workdir if step is None else directory / str(step),
+      lambda config: _inference_mesh(config, mesh_overrides), log, option="workdir")
+  mesh = jax.tree.leaves(params)[0].sharding.mesh
+  return Run(workdir, source.step, source.config, model, params,
+             tokenizer_from_bytes(source.tokenizer), mesh)

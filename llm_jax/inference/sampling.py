@@ -129,9 +129,9 @@ def check_options(temperature: float, top_k: int | None, top_p: float,
                   vocab_size: int) -> None:
   """Raises UserError for sampling options no sampler accepts (`top_k=None`: no top-k)."""
   if not temperature >= 0:
-    raise UserError(f"--temperature={temperature} must be 0 (greedy) or positive.")
+    raise UserError(f"temperature={temperature} must be 0 (greedy) or positive.")
   if top_k is not None and not 1 <= top_k <= vocab_size:
-    raise UserError(f"--top_k={top_k} must be between 1 and the vocabulary size "
+    raise UserError(f"top_k={top_k} must be between 1 and the vocabulary size "
                     f"{vocab_size}; leave it out for no top-k.")
   if not 0 < top_p <= 1:
-    raise UserError(f"--top_p={top_p} must be in (0, 1]; 1 turns it off.")
+    raise UserError(f"top_p={top_p} must be in (0, 1]; 1 turns it off.")

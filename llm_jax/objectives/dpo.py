@@ -24,8 +24,7 @@ REFERENCE_ARRAYS = {"ref_chosen_log_prob": ("float32", ("batch",)),
                     "ref_rejected_log_prob": ("float32", ("batch",))}
 
 
-def _summed_loss(model, params, batch, frozen=None, *, beta: float):
-  del frozen
+def _summed_loss(model, params, batch, *, beta: float):
   chosen, rejected = sequence_log_probs(model, params, batch)
   reward_chosen = beta * (chosen - batch["ref_chosen_log_prob"])
   reward_rejected = beta * (rejected - batch["ref_rejected_log_prob"])

@@ -33,13 +33,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from llm_jax.parallel import checkpoint, sharding
-from llm_jax import config as config_lib
-from llm_jax.parallel.distributed import log
-from llm_jax.model.transformer import ModelConfig, Transformer
 from llm_jax.objectives import Objective
+from llm_jax.objectives.log_probs import token_log_probs
 
 ADVANTAGE_EPSILON = 1e-4
 _TOKENS = ("batch", "length")
@@ -55,11 +51,10 @@ def group_advantages(rewards: np.ndarray, group_size: int) -> np.ndarray:
           ).reshape(-1).astype(np.float32)
 
 
-def token_log_probs(model, params, batch, temperature: float = 1.0):
-  """[B, T] log-probability of each target token under `params`, of the distribution the
-  rollouts sample from: softmax(logits / temperature)."""
-  logits = model.apply({"params": params}, batch["inputs"]).astype(jnp.float32) / temperature
-  return -optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+def _log_probs(model, params, batch, temperature: float):
+  """[B, T] log-probability of each target token of the distribution the rollouts sample."""
+  return token_log_probs(model, params, batch["inputs"], batch["targets"],
+                         temperature=temperature)
 
 
 def token_losses(log_probs, old_log_probs, ref_log_probs, advantages_B, *, epsilon: float,
@@ -80,10 +75,8 @@ def token_losses(log_probs, old_log_probs, ref_log_probs, advantages_B, *, epsil
   return losses + beta * kl, kl, clipped
 
 
-def _summed_loss(model, params, batch, frozen=None, *, epsilon: float, beta: float,
-                 temperature: float):
-  del frozen  # the reference's log-probabilities arrive in the batch (`_prepare`)
-  log_probs = token_log_probs(model, params, batch, temperature)
+def _summed_loss(model, params, batch, *, epsilon: float, beta: float, temperature: float):
+  log_probs = _log_probs(model, params, batch, temperature)
   old = batch.get("old_log_probs", jax.lax.stop_gradient(log_probs))
   losses, kl, clipped = token_losses(log_probs, old, batch.get("ref_log_probs"),
                                      batch["advantages"], epsilon=epsilon, beta=beta)
@@ -94,16 +87,16 @@ def _summed_loss(model, params, batch, frozen=None, *, epsilon: float, beta: flo
   return jnp.sum(losses * weights), metrics
 
 
-def _prepare(model, params, batch, frozen, *, passes: int, temperature: float):
-  """The reference's (frozen) and, with several passes, the rollout policy's log-probabilities,
-  once per step before any update."""
+def _prepare(model, params, batch, reference, *, passes: int, temperature: float):
+  """The reference's and, with several passes, the rollout policy's log-probabilities, once
+  per step before any update."""
   batch = dict(batch)
-  if frozen is not None:
+  if reference is not None:
     batch["ref_log_probs"] = jax.lax.stop_gradient(
-        token_log_probs(model, frozen, batch, temperature))
+        _log_probs(model, reference, batch, temperature))
   if passes > 1:
     batch["old_log_probs"] = jax.lax.stop_gradient(
-        token_log_probs(model, params, batch, temperature))
+        _log_probs(model, params, batch, temperature))
   return batch
 
 
@@ -113,22 +106,13 @@ def completion_tokens(batch):
 
 def grpo_objective(epsilon: float = 0.2, beta: float = 0.04, passes: int = 1,
                    temperature: float = 1.0) -> Objective:
-  """GRPO's objective for rollouts sampled at `temperature`; with `beta` > 0 the step's frozen
-  input is the reference's parameters (`reference_parameters`)."""
+  """GRPO's objective for rollouts sampled at `temperature`; with `beta` > 0 its step reads the
+  reference: the parameters of the run it starts from."""
   needs_prepare = beta > 0 or passes > 1
   prepare = functools.partial(_prepare, passes=passes, temperature=temperature)
   return Objective(name="grpo", loss=functools.partial(_summed_loss, epsilon=epsilon, beta=beta,
                                                        temperature=temperature),
                    weight=completion_tokens, batch=BATCH, weight_name="completion_tokens",
-                   prepare=prepare if needs_prepare else None, passes=passes)
+                   prepare=prepare if needs_prepare else None, passes=passes,
+                   reference=beta > 0)
 
-
-def reference_parameters(config):
-  """`frozen(mesh, init_from)` for the loop: the parameters of the checkpoint the run starts
-  (or started) from, on the run's mesh."""
-  def load(mesh, init_from: str):
-    init = checkpoint.open_init_source(init_from, log)
-    model = Transformer(ModelConfig.from_config(config_lib.resolve(config).model))
-    log(f"Reference for the KL penalty: {init.location}")
-    return init.checkpointer.restore_params(init.step, sharding.abstract_params(model, mesh))
-  return load

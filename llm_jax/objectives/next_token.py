@@ -6,21 +6,18 @@ assistant's token). The loss is the mean cross-entropy over counted targets.
 """
 
 import jax.numpy as jnp
-import optax
 
 from llm_jax.objectives import Objective
+from llm_jax.objectives.log_probs import token_log_probs
 
 _TOKENS = ("batch", "length")
 
 
-def summed_loss(model, params, batch, frozen=None):
+def summed_loss(model, params, batch):
   """(sum of per-token cross-entropies in nats over weighted targets, no further metrics)."""
-  del frozen
-  logits_BTV = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
-                           batch["positions"])
-  losses_BT = optax.softmax_cross_entropy_with_integer_labels(
-      logits_BTV.astype(jnp.float32), batch["targets"])
-  return jnp.sum(losses_BT * batch["weights"]), {}
+  log_probs_BT = token_log_probs(model, params, batch["inputs"], batch["targets"],
+                                 batch["segment_ids"], batch["positions"])
+  return -jnp.sum(log_probs_BT * batch["weights"]), {}
 
 
 def target_count(batch):

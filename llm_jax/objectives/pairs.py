@@ -8,7 +8,8 @@ so a response never attends to its twin.
 """
 
 import jax.numpy as jnp
-import optax
+
+from llm_jax.objectives.log_probs import token_log_probs
 
 SIDES = ("chosen", "rejected")
 _TOKENS = ("batch", "length")
@@ -34,7 +35,8 @@ def split_sides(x_2B):
 
 
 def last_response_position(weights_BT):
-  """The position of each row's last response token: the last weighted target's index + 1."""
+  """The position [B] of each row's last response token, where a reward is read: the last
+  weighted target's index + 1 (0 for a row without one)."""
   T = weights_BT.shape[1]
   return jnp.max(jnp.where(weights_BT > 0, jnp.arange(T), -1), axis=1) + 1
 
@@ -42,10 +44,9 @@ def last_response_position(weights_BT):
 def sequence_log_probs(model, params, batch):
   """(chosen, rejected) summed log-probabilities [B] of the response tokens of each side,
   from one forward pass over both sides' rows."""
-  logits = model.apply({"params": params}, both_sides(batch, "inputs")).astype(jnp.float32)
-  token_log_probs = -optax.softmax_cross_entropy_with_integer_labels(
-      logits, both_sides(batch, "targets"))
-  return split_sides(jnp.sum(token_log_probs * both_sides(batch, "weights"), axis=1))
+  log_probs_BT = token_log_probs(model, params, both_sides(batch, "inputs"),
+                                 both_sides(batch, "targets"))
+  return split_sides(jnp.sum(log_probs_BT * both_sides(batch, "weights"), axis=1))
 
 
 def pair_count(batch):

@@ -25,8 +25,7 @@ def response_rewards(model, params, inputs_BT, weights_BT):
   return jnp.take_along_axis(rewards_BT, index_B[:, None], axis=1)[:, 0]
 
 
-def _summed_loss(model, params, batch, frozen=None, *, centering: float):
-  del frozen
+def _summed_loss(model, params, batch, *, centering: float):
   rewards = response_rewards(model, params, both_sides(batch, "inputs"),
                              both_sides(batch, "weights"))
   chosen, rejected = split_sides(rewards)

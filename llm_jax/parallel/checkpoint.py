@@ -34,8 +34,10 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from llm_jax import config as config_lib
-from llm_jax.parallel.distributed import is_primary
 from llm_jax.errors import UserError
+from llm_jax.model.transformer import ModelConfig, Transformer
+from llm_jax.parallel import sharding
+from llm_jax.parallel.distributed import is_primary
 
 
 class _DataHandler(grain.checkpoint.CheckpointHandler):
@@ -286,20 +288,63 @@ class InitSource:
     return traverse_util.unflatten_dict({**fresh, **restored})
 
 
-def open_init_source(path, log) -> InitSource:
-  """The newest readable checkpoint of the run directory `path`, or the checkpoint directory
-  `path` (RUN/checkpoints/STEP) itself."""
+def model_of(config, platform: str | None = None) -> Transformer:
+  """The model a run of `config` builds, its `auto` choices resolved for `platform` (default:
+  this machine's)."""
+  return Transformer(ModelConfig.from_config(config_lib.resolve(config, platform).model))
+
+
+def _checkpoints_of(path, option: str) -> tuple[Checkpointer, list[int] | None]:
+  """The read-only checkpointer of the run directory `path` (every step) or of the checkpoint
+  directory `path` = RUN/checkpoints/STEP (that step alone)."""
   path = pathlib.Path(path)
   if (path / "checkpoints").is_dir():
     directory, steps = path / "checkpoints", None
   elif path.parent.name == "checkpoints" and path.name.isdigit() and path.is_dir():
     directory, steps = path.parent, [int(path.name)]
   else:
-    raise UserError(f"train.init_from={path} is not a run directory with checkpoints; point "
-                    "it at the --workdir of a finished run (or its checkpoints/STEP).")
-  checkpointer = Checkpointer(directory, read_only=True)
-  meta, step = restore_newest(checkpointer, checkpointer.metadata, log, steps)
-  if meta is None:
-    raise UserError(f"train.init_from={path} has no readable checkpoint; point it at a run "
-                    "that saved one.")
+    raise UserError(f"{option}={path} is not a run directory with checkpoints; point it at the "
+                    "--workdir of a finished run (or its checkpoints/STEP).")
+  return Checkpointer(directory, read_only=True), steps
+
+
+def _source(checkpointer: Checkpointer, step: int) -> InitSource:
+  meta = checkpointer.metadata(step)
   return InitSource(checkpointer, step, config_lib.from_json(meta["config"]), meta["tokenizer"])
+
+
+def open_init_source(path, log, option: str = "train.init_from") -> InitSource:
+  """The newest checkpoint whose metadata reads, of the run directory `path` or the checkpoint
+  directory `path` (RUN/checkpoints/STEP) itself; no parameters are read."""
+  checkpointer, steps = _checkpoints_of(path, option)
+  source, _ = restore_newest(checkpointer, functools.partial(_source, checkpointer), log, steps)
+  if source is None:
+    raise UserError(f"{option}={path} has no readable checkpoint; point it at a run that "
+                    "saved one.")
+  return source
+
+
+def load(path, mesh, log, model: Transformer | None = None, option: str = "train.init_from"
+         ) -> tuple[InitSource, Transformer, dict]:
+  """(checkpoint, model, parameters) of the newest checkpoint that reads whole, of the run
+  directory `path` or of `path` = RUN/checkpoints/STEP: the one way a run is loaded.
+
+  The parameters are placed on `mesh` (a Mesh, or a function of the run's config giving one)
+  as `model`'s (a model of the same shapes, say the run being trained, whose dtypes they take)
+  or the checkpoint's own model's. Nothing is written; a checkpoint that cannot be read is
+  reported and the one before it used.
+  """
+  checkpointer, steps = _checkpoints_of(path, option)
+
+  def read(step):
+    source = _source(checkpointer, step)
+    loaded = model or model_of(source.config)
+    placed_on = mesh if isinstance(mesh, jax.sharding.Mesh) else mesh(source.config)
+    return source, loaded, checkpointer.restore_params(
+        step, sharding.abstract_params(loaded, placed_on))
+
+  loaded, _ = restore_newest(checkpointer, read, log, steps)
+  if loaded is None:
+    raise UserError(f"{option}={path} has no readable checkpoint; point it at a run that "
+                    "saved one.")
+  return loaded

@@ -9,6 +9,7 @@ loaded, so training holds one model.
 """
 
 import hashlib
+import io
 import json
 import pathlib
 import zipfile
@@ -18,14 +19,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llm_jax.parallel import checkpoint, sharding
-from llm_jax import config as config_lib
+from llm_jax import config as config_lib, paths
 from llm_jax.data import preferences
 from llm_jax.data.documents import Subset
-from llm_jax.data.batches import BatchSource, PreferencePairs, pair_batch_source, \
-    preference_pairs
+from llm_jax.data.batches import BatchSource
+from llm_jax.posttrain.pairs import pair_batch_source, preference_pairs
+from llm_jax.posttrain.records import Records
 from llm_jax.parallel.distributed import is_primary, log
 from llm_jax.errors import UserError
-from llm_jax.model.transformer import ModelConfig, Transformer
 from llm_jax.objectives.dpo import dpo_objective
 from llm_jax.objectives.pairs import sequence_log_probs
 
@@ -63,7 +64,7 @@ def _read_cache(path: pathlib.Path, key: str) -> dict[str, np.ndarray] | None:
   return None
 
 
-def _key(config, pairs: PreferencePairs, location: str) -> str:
+def _key(config, pairs: Records, location: str) -> str:
   digest = hashlib.blake2b(digest_size=16)
   digest.update(pairs.tokenizer.to_bytes())
   for split in SPLITS:
@@ -75,7 +76,7 @@ def _key(config, pairs: PreferencePairs, location: str) -> str:
                      "data": digest.hexdigest()})
 
 
-def reference_log_probs(config, workdir: pathlib.Path, pairs: PreferencePairs
+def reference_log_probs(config, workdir: pathlib.Path, pairs: Records
                         ) -> dict[str, np.ndarray]:
   """{split: [pairs, 2] float32 summed log-probabilities of (chosen, rejected)}, from the cache
   in `workdir` when its key matches, else computed with the reference and saved.
@@ -100,8 +101,8 @@ def reference_log_probs(config, workdir: pathlib.Path, pairs: PreferencePairs
     log(f"Reference log-probabilities of {init.location} reused from {path}")
     return cached
   mesh = sharding.make_mesh(config.mesh)
-  model = Transformer(ModelConfig.from_config(config_lib.resolve(config).model))
-  params = init.checkpointer.restore_params(init.step, sharding.abstract_params(model, mesh))
+  _, model, params = checkpoint.load(init.location, mesh, log,
+                                     model=checkpoint.model_of(config))
   log_probs = jax.jit(lambda params, batch: jax.numpy.stack(
       sequence_log_probs(model, params, batch), axis=1))
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -129,7 +130,7 @@ def reference_log_probs(config, workdir: pathlib.Path, pairs: PreferencePairs
   log(f"Reference log-probabilities of {len(pairs.train)} training and {len(pairs.validation)} "
       f"validation pairs computed with {init.location}")
   if is_primary():
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, key=key, **result)
-    tmp.replace(path)
+    saved = io.BytesIO()
+    np.savez(saved, key=key, **result)
+    paths.write_atomically(path, saved.getvalue())
   return result

@@ -22,26 +22,22 @@ counted (`zero`); so is a completion too long for a reward model's context.
 """
 
 import dataclasses
-import functools
 import importlib
-import importlib.util
 import math
 import os
 import pathlib
 import sys
 from collections.abc import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from llm_jax.inference import evaluate
 from llm_jax.parallel import checkpoint, sharding
-from llm_jax import config as config_lib
 from llm_jax.data import chat_template
 from llm_jax.data.tokenizer import tokenizer_from_bytes
 from llm_jax.parallel.distributed import log
+from llm_jax import paths
 from llm_jax.errors import UserError
-from llm_jax.model.transformer import ModelConfig, Transformer
 
 _FORMS = ("give 'module:function', 'path/to/file.py:function' or a reward-model run directory, "
           "several as 'A=2; B=1'")
@@ -94,9 +90,7 @@ def _import_function(spec: str, entry: str) -> Callable:
       path = pathlib.Path(location).expanduser()
       if not path.is_file():
         raise UserError(f"rl.reward={entry!r}: {path} is not a file; {_FORMS}.")
-      module_spec = importlib.util.spec_from_file_location(path.stem, path)
-      module = importlib.util.module_from_spec(module_spec)
-      module_spec.loader.exec_module(module)
+      module = paths.import_file(path, path.stem)
     else:
       if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -131,39 +125,25 @@ def _function_scorer(function: Callable, name: str, on_error: str) -> Callable:
   return score
 
 
-@functools.partial(jax.jit, static_argnames="model")
-def _scores_at(params, inputs_BT, index_B, *, model):
-  rewards_BT = model.apply({"params": params}, inputs_BT)
-  return jnp.take_along_axis(rewards_BT, index_B[:, None], axis=1)[:, 0]
-
-
 def _model_scorer(run: pathlib.Path, entry: str, on_error: str, mesh_config) -> Callable:
-  init = checkpoint.open_init_source(run, log)
+  init = checkpoint.open_init_source(run, log, option="rl.reward")
   if not init.config.model.get("reward_head", False):
     raise UserError(f"rl.reward={entry!r}: {run} is a language model, not a reward model; "
                     "train one with --config configs/posttrain.py:reward.")
   mesh = sharding.make_mesh(mesh_config)
-  model = Transformer(ModelConfig.from_config(config_lib.resolve(init.config).model))
-  params = init.checkpointer.restore_params(init.step, sharding.abstract_params(model, mesh))
+  init, model, params = checkpoint.load(init.location, mesh, log, option="rl.reward")
   chat_format = chat_template.chat_format(tokenizer_from_bytes(init.tokenizer))
-  context = model.config.context_length
   log(f"Reward model {init.location}")
 
   def score(records, completions):
-    values = np.zeros(len(completions))
-    inputs = np.zeros((len(completions), context), np.int32)
-    index = np.zeros(len(completions), np.int32)
-    for i, (record, completion) in enumerate(zip(records, completions)):
-      ids, mask = chat_format.encode(
-          record["prompt"] + [{"role": "assistant", "content": completion}])
-      if len(ids) > context:
-        values[i] = _fail(on_error, str(run), record,
-                          f"cannot read {len(ids)} tokens in its context of {context}")
-        continue
-      inputs[i, :len(ids)], index[i] = ids, np.flatnonzero(mask)[-1]
-    with sharding.activate(mesh):
-      scores = sharding.to_host(_scores_at(params, inputs, index, model=model))
-    return np.where(np.isnan(values), values, scores)
+    scores, fits = evaluate.score_responses(
+        params, model, chat_format,
+        [r["prompt"] + [{"role": "assistant", "content": c}] for r, c in zip(records, completions)],
+        mesh=mesh)
+    for i in np.flatnonzero(~fits):  # raises, or leaves NaN to be scored 0 and counted
+      _fail(on_error, str(run), records[i], "cannot read the completion in its context of "
+            f"{model.config.context_length} tokens")
+    return scores
   return score
 
 

@@ -23,6 +23,7 @@ loop's evaluation or checkpoint). Evaluation answers up to `rl.eval_prompts`
 validation prompts greedily: `val_reward`, `val_completion_length`.
 """
 
+import pathlib
 import time
 
 import jax
@@ -30,15 +31,12 @@ import numpy as np
 
 from llm_jax import config as config_lib
 from llm_jax.inference import generate
-from llm_jax.parallel import sharding
-from llm_jax.data import chat_template, prompts as prompts_lib, sources
-from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.parallel import checkpoint, sharding
+from llm_jax.data import prompts as prompts_lib
 from llm_jax.data.batches import BatchSource
-from llm_jax.data.documents import Subset
-from llm_jax.parallel.distributed import log
 from llm_jax.errors import UserError
-from llm_jax.model.transformer import ModelConfig, Transformer
-from llm_jax.posttrain import judges as rewards_lib
+from llm_jax.posttrain import judges
+from llm_jax.posttrain.records import open_records
 from llm_jax.objectives.grpo import group_advantages
 
 
@@ -50,7 +48,7 @@ class Rollouts:
     r, t = config.rl, config.train
     self.config, self.tokenizer, self.chat_format = config, tokenizer, chat_format
     self.judge = judge
-    self.model = Transformer(ModelConfig.from_config(config_lib.resolve(config).model))
+    self.model = checkpoint.model_of(config)
     self.prompt_width = config.model.context_length - r.max_completion_tokens
     self.prompts_per_step = t.batch_size // r.group_size
     self.train_prompts, self.validation_prompts = train_prompts, validation_prompts
@@ -142,30 +140,29 @@ class Rollouts:
 
 def grpo_batches(config, workdir, inherited_tokenizer: bytes | None = None) -> BatchSource:
   """GRPO's batch source over the prompts of `data.source` that leave room for a completion;
-  the judge of `rl.reward` is loaded first, so a bad one stops the run before anything."""
-  if config.data.mixture or not config.data.source.startswith("prompts:"):
-    raise UserError("objective.name='grpo' learns from answers to prompts; set "
-                    "--config.data.source='prompts:<glob>' (and no data.mixture).")
-  judge = rewards_lib.judge(config.rl, config.mesh)
-  source = sources.open_source(config.data.source, config.data)
-  log(source.summary())
-  workdir.mkdir(parents=True, exist_ok=True)
-  tokenizer = tokenizer_lib.for_run(config, [(source, 1.0)], workdir, inherited_tokenizer)
-  chat_format = chat_template.chat_format(tokenizer)
+  the judge of `rl.reward` is loaded first, so a bad one stops the run before anything. A run
+  is resumed only with the number of updates per step it was trained with."""
+  _refuse_other_passes(config, workdir)
+  judge = judges.judge(config.rl, config.mesh)
   room = config.model.context_length - config.rl.max_completion_tokens
-  fitting = {}
-  for split in ("train", "validation"):
-    documents = getattr(source, split)
-    counts, used = prompts_lib.prompt_statistics(documents, chat_format, room)
-    log(f"{source.spec}, {split}: {counts['used']} prompts used, {counts['too_long']} skipped "
-        f"as longer than the {room} tokens the context leaves beside "
-        f"rl.max_completion_tokens={config.rl.max_completion_tokens}")
-    fitting[split] = Subset(documents, used)
-  if not len(fitting["train"]):
-    raise UserError(f"No training prompt of {source.spec} fits in {room} tokens, so there is "
-                    "nothing to train on; raise model.context_length, lower "
-                    "rl.max_completion_tokens or give shorter prompts.")
-  rollouts = Rollouts(config, tokenizer, chat_format, fitting["train"], fitting["validation"],
-                      judge)
-  return BatchSource(rollouts.prompt_indices, [], tokenizer, chat_format,
-                     rollout=rollouts.rollout, evaluate=rollouts.evaluate)
+  prompts = open_records(
+      config, workdir, inherited_tokenizer, "prompts", room,
+      prompts_lib.prompt_statistics, f"the {room} tokens the context leaves beside "
+      f"rl.max_completion_tokens={config.rl.max_completion_tokens}",
+      "raise model.context_length, lower rl.max_completion_tokens or give shorter prompts")
+  rollouts = Rollouts(config, prompts.tokenizer, prompts.chat_format, prompts.train,
+                      prompts.validation, judge)
+  return BatchSource(rollouts.prompt_indices, [], prompts.tokenizer, prompts.chat_format,
+                     draw=rollouts.rollout, evaluate=rollouts.evaluate)
+
+
+def _refuse_other_passes(config, workdir: pathlib.Path) -> None:
+  """The learning-rate schedule counts updates: another rl.passes would move it."""
+  saved = workdir / "config.json"
+  if not saved.exists():
+    return
+  passes = config_lib.from_json(saved.read_text()).get("rl", {}).get("passes", 1)
+  if config.rl.passes != passes:
+    raise UserError(f"{workdir} was trained with rl.passes={passes}, and its learning-rate "
+                    f"schedule counts updates; resume with --config.rl.passes={passes} or pass "
+                    "a new --workdir.")

@@ -31,11 +31,10 @@ import jax
 
 from llm_jax import config as config_lib
 from llm_jax.model import flops
-from llm_jax.parallel import hardware, sharding
+from llm_jax.parallel import checkpoint, hardware, sharding
 from llm_jax.errors import UserError
-from llm_jax.model.transformer import ModelConfig, Transformer
 from llm_jax.train import builder
-from llm_jax.train.recipes import configured
+from llm_jax.train import recipes
 
 
 def model_param_counts(config) -> dict[str, int]:
@@ -44,7 +43,7 @@ def model_param_counts(config) -> dict[str, int]:
   Counted from the parameter tree itself, independently of `flops.param_counts`'s formula,
   so the two can check each other.
   """
-  model = Transformer(ModelConfig.from_config(config_lib.resolve(config, "tpu").model))
+  model = checkpoint.model_of(config, "tpu")
   params, _ = sharding.logical_params(model)
   sizes = {name: sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(subtree))
            for name, subtree in params.items()}
@@ -68,15 +67,11 @@ def for_accelerator(config, accelerator: hardware.Accelerator | None):
 def _compile_train_step(config, devices):
   """The ahead-of-time compiled train step of a resolved `config` on a mesh over `devices`."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  objective, _, frozen = configured(config)
-  # A frozen input is a reference model's parameters (GRPO's), sharded as the policy's.
-  abstract_frozen = sharding.abstract_params(
-      Transformer(ModelConfig.from_config(config.model)), mesh) if frozen else None
-  built = builder.build(config, mesh, objective, jax.tree.map(lambda x: x.sharding,
-                                                              abstract_frozen))
-  with sharding.activate(mesh):
-    return built.train_step.lower(built.abstract_state(), built.abstract_batch(),
-                                  abstract_frozen).compile()
+  built = builder.build(config, mesh, recipes.configured(config)[0])
+  state = built.abstract_state()
+  with sharding.activate(mesh):  # a reference (GRPO's) is sharded as the policy's parameters
+    return built.train_step.lower(state, built.abstract_batch(),
+                                  state.params if built.objective.reference else None).compile()
 
 
 def _cost_flops(compiled) -> float:

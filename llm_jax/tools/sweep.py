@@ -21,7 +21,6 @@ atomically after each member); the workdirs are never deleted or overwritten.
 """
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 import pathlib
@@ -31,7 +30,7 @@ import sys
 import time
 from typing import Any, Iterable
 
-from llm_jax import config as config_lib
+from llm_jax import config as config_lib, paths
 from llm_jax.model import flops
 from llm_jax.errors import UserError
 
@@ -160,9 +159,7 @@ def load_sweep(path: str) -> Sweep:
   file = pathlib.Path(path)
   if not file.is_file():
     raise UserError(f"Sweep file {path!r} does not exist; pass a configs/sweeps/NAME.py file.")
-  spec = importlib.util.spec_from_file_location(f"_llm_jax_sweep_{file.stem}", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = paths.import_file(file, f"_llm_jax_sweep_{file.stem}")
   if not hasattr(module, SWEEP_FUNCTION):
     raise UserError(f"Sweep file {file} defines no {SWEEP_FUNCTION}(); add one returning "
                     "llm_jax.tools.sweep.Sweep(members=..., base=..., overrides=...).")
@@ -274,9 +271,7 @@ def member_row(member: Member) -> dict:
 def write_table(sweep_dir: pathlib.Path, members: list[Member]) -> pathlib.Path:
   """Rewrites SWEEP_DIR/sweep.jsonl atomically from the members' workdirs."""
   path = sweep_dir / "sweep.jsonl"
-  tmp = path.with_suffix(".jsonl.tmp")
-  tmp.write_text("".join(json.dumps(member_row(m)) + "\n" for m in members))
-  tmp.replace(path)
+  paths.write_atomically(path, "".join(json.dumps(member_row(m)) + "\n" for m in members))
   return path
 
 
@@ -389,9 +384,7 @@ def _write_result(member: Member, summary: dict) -> None:
   row.update(status="finished", steps_done=member.config.train.steps,
              train_loss=summary["loss"] if "loss" in summary else metrics.get("loss"),
              val_loss=summary["val_loss"] if "val_loss" in summary else metrics.get("val_loss"))
-  tmp = member.workdir / (RESULT_FILE + ".tmp")
-  tmp.write_text(json.dumps(row, indent=1) + "\n")
-  tmp.replace(member.workdir / RESULT_FILE)
+  paths.write_atomically(member.workdir / RESULT_FILE, json.dumps(row, indent=1) + "\n")
 
 
 def default_sweep_dir(path: str) -> pathlib.Path:

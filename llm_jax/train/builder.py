@@ -22,9 +22,9 @@ from llm_jax.train import optimizer, state as state_lib, step as step_lib
 class Built:
   """Everything a run computes with, for one config, objective and mesh.
 
-  `train_step(state, batch, frozen)` is jitted with the state's, the batch's and the frozen
-  inputs' shardings and donates the state; `eval_step(params, batch, frozen)` returns
-  (loss sum, weight, metric sums).
+  `train_step(state, batch, reference)` is jitted with the state's, the batch's and (for an
+  objective with a reference) the parameters' shardings, and donates the state;
+  `eval_step(params, batch)` returns (loss sum, weight, metric sums).
   """
   config: object  # the resolved config
   mesh: Mesh
@@ -35,9 +35,8 @@ class Built:
   train_step: object
   batch_shardings: dict
 
-  def eval_step(self, params, batch, frozen=None):
-    return objectives.evaluate_batch(params, batch, frozen, objective=self.objective,
-                                     model=self.model)
+  def eval_step(self, params, batch):
+    return objectives.evaluate_batch(params, batch, objective=self.objective, model=self.model)
 
   def init_state(self) -> state_lib.TrainState:
     """A fresh train state (seed `train.seed`), created in its shardings."""
@@ -59,12 +58,8 @@ class Built:
     return sharding.global_batch(local_batch, self.mesh, self.batch_shardings)
 
 
-def build(config, mesh: Mesh, objective: objectives.Objective = NEXT_TOKEN,
-          frozen_shardings=None) -> Built:
-  """Builds from a resolved config (`llm_jax.config.resolve`).
-
-  `frozen_shardings` are the shardings of the objective's frozen inputs (None: it has none).
-  """
+def build(config, mesh: Mesh, objective: objectives.Objective = NEXT_TOKEN) -> Built:
+  """Builds from a resolved config (`llm_jax.config.resolve`)."""
   t = config.train
   model = Transformer(ModelConfig.from_config(config.model))
   tx = optimizer.make_optimizer(t, objective.passes)
@@ -74,6 +69,7 @@ def build(config, mesh: Mesh, objective: objectives.Objective = NEXT_TOKEN,
   train_step = jax.jit(
       functools.partial(step_lib.train_step, objective=objective, model=model, tx=tx,
                         schedule=schedule, grad_accum_steps=t.grad_accum_steps),
-      in_shardings=(state_shardings, batch_shardings, frozen_shardings),
+      in_shardings=(state_shardings, batch_shardings,
+                    state_shardings.params if objective.reference else None),
       out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
   return Built(config, mesh, objective, model, tx, schedule, train_step, batch_shardings)

@@ -9,6 +9,7 @@ saving (a signal reached process 0, or a timed save is due) only every `train.lo
 steps, so no other step waits for a collective.
 """
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -21,22 +22,19 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from llm_jax.parallel import checkpoint, hardware, sharding
 from llm_jax import config as config_lib, paths
-from llm_jax.model import flops
-from llm_jax.inference import generate
-from llm_jax.parallel.distributed import is_primary, log
+from llm_jax.data.batches import BatchSource
 from llm_jax.errors import UserError
-from llm_jax.model.transformer import ModelConfig, Transformer
-from llm_jax.train.recipes import configured
-from llm_jax.train import builder
+from llm_jax.model import flops
+from llm_jax.parallel import checkpoint, hardware, sharding
+from llm_jax.parallel.distributed import is_primary, log
+from llm_jax.train import builder, recipes
 from llm_jax.train.metrics import MetricsWriter
 
 
 def check_workdir(config, workdir: pathlib.Path):
   """The config saved in `workdir` (None for a new one); refuses a workdir that is not a
-  directory, whose saved config describes a different model or objective, or (RL) made another
-  number of updates per step. Writes nothing."""
+  directory, or whose saved config describes a different model or objective. Writes nothing."""
   paths.check_directory(workdir, "--workdir")
   saved = workdir / "config.json"
   if not saved.exists():
@@ -48,11 +46,6 @@ def check_workdir(config, workdir: pathlib.Path):
                     "new --workdir.") from None
   _refuse_other_model(previous, config, str(workdir))
   _refuse_other_objective(previous, config, str(workdir))
-  passes = previous.get("rl", {}).get("passes", 1)
-  if config.objective.name == "grpo" and config.rl.passes != passes:
-    raise UserError(f"{workdir} was trained with rl.passes={passes}, and its learning-rate "
-                    f"schedule counts updates; resume with --config.rl.passes={passes} or pass "
-                    "a new --workdir.")
   return previous
 
 
@@ -66,18 +59,18 @@ def _refuse_other_model(previous, config, where: str) -> None:
 def _refuse_other_objective(previous, config, where: str) -> None:
   """A run belongs to one objective: its checkpoints hold that objective's optimizer state,
   data position and metrics."""
-  trained = previous.get("objective", {}).get("name", "next_token")
+  trained = config_lib.objective_name(previous)
   if trained != config.objective.name:
     raise UserError(f"{where} trained objective.name={trained!r}, not "
                     f"{config.objective.name!r}; pass a new --workdir with "
                     f"--config.train.init_from={where} to start from its parameters.")
 
 
-def evaluate(built, params, batches, frozen=None) -> dict[str, float]:
+def evaluate(built, params, batches) -> dict[str, float]:
   """`val_loss` and `val_<metric>` of the objective's metrics over `batches` (global arrays),
   each the mean weighted as the objective weighs it, and `val_perplexity` of a next-token
   loss."""
-  totals = [jax.device_get(built.eval_step(params, batch, frozen)) for batch in batches]
+  totals = [jax.device_get(built.eval_step(params, batch)) for batch in batches]
   weight = max(sum(float(w) for _, w, _ in totals), 1.0)
   result = {"val_loss": sum(float(loss) for loss, _, _ in totals) / weight}
   for name in (totals[0][2] if totals else {}):
@@ -212,27 +205,27 @@ def _check_finite(step: int, metrics, on_nonfinite: str, checkpointer) -> None:
       "--config.train.on_nonfinite=skip, and rerun to resume.")
 
 
-def train(config, workdir, objective=None, batch_source=None, frozen=None) -> dict:
+def train(config, workdir, objective=None, batch_source=None) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics.
 
-  `objective` says what a step minimises (`llm_jax.objectives`); `batch_source(config,
-  workdir, inherited_tokenizer)` returns the run's `BatchSource`; `frozen(mesh, init_from)`,
-  if given, returns the objective's frozen inputs placed on the run's mesh (`init_from`: the
-  checkpoint the run starts, or started, from). All three default to those `objective.name`
-  configures (`objectives.configured`: packed text for next-token).
+  `objective` says what a step minimises (`llm_jax.objectives`) and `batch_source(config,
+  workdir, inherited_tokenizer)` returns the run's `BatchSource`; both default to those
+  `objective.name` names (`llm_jax.train.recipes`). An objective with a `reference` reads the
+  parameters of the checkpoint the run started from (`train.init_from`), loaded once here.
   SIGTERM or SIGINT ends the run after the current step with a checkpoint (exit status 0);
-  SIGUSR1 writes a checkpoint and goes on.
+  SIGUSR1 writes a checkpoint and goes on. A refusal (a `UserError`) before any checkpoint or
+  metrics row removes what this call made in `workdir`.
   """
-  if objective is None:
-    objective, default_batches, default_frozen = configured(config)
-    batch_source, frozen = batch_source or default_batches, frozen or default_frozen
-  elif batch_source is None:
-    batch_source = configured(config)[1]
+  named_objective, named_source = recipes.configured(config)
+  objective, batch_source = objective or named_objective, batch_source or named_source
   workdir = pathlib.Path(workdir).expanduser()
   undo = paths.undo_new_entries(workdir)
   try:
     with _Requests() as requests:
-      return _train(config, workdir, requests, objective, batch_source, frozen)
+      run = _set_up(config, workdir, objective, batch_source)
+      with sharding.activate(run.built.mesh):
+        summary, done = _steps(run, requests)
+        return _finish(run, summary, done, requests.stop_signal)
   except UserError:  # a refusal writes nothing: what this call made goes, unless it has results
     if is_primary() and not _has_results(workdir):
       undo()
@@ -246,7 +239,32 @@ def _has_results(workdir: pathlib.Path) -> bool:
       metrics.exists() and metrics.stat().st_size > 0)
 
 
-def _train(config, workdir, requests, objective, batch_source, frozen) -> dict:
+@dataclasses.dataclass
+class _Run:
+  """What a run trains with, once set up: its compiled steps, data, checkpoints and state."""
+  config: object
+  workdir: pathlib.Path
+  built: builder.Built
+  batches: BatchSource
+  checkpointer: checkpoint.Checkpointer
+  state: object  # the TrainState
+  start_step: int
+  reference: dict | None  # the parameters the run started from, when the objective reads them
+  config_json: str  # as saved with every checkpoint
+  peak_flops: float  # of this machine's devices, the denominator of MFU
+
+  def __post_init__(self):
+    self.evaluation = [self.built.global_batch(b) for b in self.batches.evaluation]
+
+  def validate(self, params) -> dict[str, float]:
+    if self.batches.evaluate:
+      return self.batches.evaluate(params)
+    return evaluate(self.built, params, self.evaluation)
+
+
+def _set_up(config, workdir, objective, batch_source) -> _Run:
+  """Checks, data, compiled steps and the state to start from (restored or initialised); the
+  config is written only once nothing more can be refused."""
   config_lib.validate(config, jax.device_count())
   previous_config = check_workdir(config, workdir)
   resolved = config_lib.resolve(config)
@@ -255,33 +273,26 @@ def _train(config, workdir, requests, objective, batch_source, frozen) -> dict:
   log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices; "
       f"{flops.param_counts(m)['params'] / 1e6:.2f}M parameters; "
       f"{config_lib.describe_resolved(resolved)}")
+  built = builder.build(resolved, mesh, objective)
   directory = workdir / "checkpoints"
   init = None
   if t.init_from and not checkpoint.saved_steps(directory):
     init = checkpoint.open_init_source(t.init_from, log)
-    model = Transformer(ModelConfig.from_config(resolved.model))
-    init.check_shapes(sharding.abstract_params(model, mesh), config)  # before anything is written
-  # The batch source's own checks (an RL judge's) come before a frozen reference is loaded.
+    init.check_shapes(sharding.abstract_params(built.model, mesh), config)  # before any write
+  # The batch source's own checks (an RL judge's) come before a reference is loaded.
   batches = batch_source(config, workdir, init.tokenizer if init else None)
   pinned = previous_config.train.get("init_from", "") if previous_config is not None else ""
-  frozen = frozen(mesh, pinned or t.init_from) if frozen else None
-  built = builder.build(resolved, mesh, objective,
-                        None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen))
-  eval_batches = [built.global_batch(b) for b in batches.evaluation]
-
-  def validate(params) -> dict[str, float]:
-    if batches.evaluate:
-      return batches.evaluate(params)
-    return evaluate(built, params, eval_batches, frozen)
-
+  reference = None
+  if objective.reference:
+    source, _, reference = checkpoint.load(pinned or t.init_from, mesh, log, model=built.model)
+    log(f"Reference: {source.location}")
   checkpointer = checkpoint.Checkpointer(directory, t.keep_checkpoints, t.keep_steps)
-
   state, start_step = resume_state(checkpointer, config, built.abstract_state(), batches.train)
   saved = config.copy_and_resolve_references()
   if state is not None:
     log(f"Resumed from the checkpoint at step {start_step}")
     if previous_config is not None:  # keeps where the run started from
-      saved.train.init_from = previous_config.train.get("init_from", "")
+      saved.train.init_from = pinned
   else:
     state = built.init_state()
     if t.init_from:
@@ -291,94 +302,75 @@ def _train(config, workdir, requests, objective, batch_source, frozen) -> dict:
       log(f"Parameters from {init.location}; optimizer, step and data start fresh")
   config_json = config_lib.to_json(saved)
   if is_primary():  # only now: a refused resume leaves the workdir as it was
-    tmp = workdir / "config.json.tmp"
-    tmp.write_text(config_json)
-    tmp.replace(workdir / "config.json")
-
+    paths.write_atomically(workdir / "config.json", config_json)
   peak, peak_note = hardware.peak_flops(bf16_operands=built.model.config.bf16_operands)
   log(f"MFU is relative to the {peak_note}; {flops.flops_per_token(m) / 1e6:.1f} MFLOPs/token")
-  progress = _Progress(config, workdir, start_step, peak, objective.rows_per_example)
-  last_save = time.monotonic()
-  previous = None  # (step, metrics) of the step before, checked for non-finite values
-  done = start_step
-  with sharding.activate(mesh):
-    try:
-      for step in range(start_step, t.steps):
-        if batches.rollout:
-          local, host_metrics = batches.rollout(state.params, step)
-        else:
-          local, host_metrics = next(batches.train), {}
-        state, metrics = built.train_step(state, built.global_batch(local), frozen)
-        done = step + 1
-        if previous is not None:
-          _check_finite(*previous, t.on_nonfinite, checkpointer)
-        previous = (done, metrics)
-        progress.flush()
-        if progress.timer_start is None:
-          progress.start_timer(done, metrics)
-        is_last = done == t.steps
-        validation = None
-        if (t.eval_every and done % t.eval_every == 0) or is_last:
-          validation = validate(state.params)
-        if done % t.log_every == 0 or is_last or validation is not None:
-          progress.hold(done, metrics, host_metrics | (validation or {}))
-        minutes_due = bool(t.checkpoint_minutes) and (
-            time.monotonic() - last_save >= 60 * t.checkpoint_minutes)
-        stop, save_now = agreed(done, t.log_every, requests.stop_signal is not None,
-                                requests.save or minutes_due, jax.process_count())
-        if ((t.checkpoint_every and done % t.checkpoint_every == 0) or is_last or stop
-            or save_now):
-          _check_finite(*previous, t.on_nonfinite, checkpointer)  # never save a bad step
-          previous = None
-          blocked = checkpointer.save(done, state, batches.train, config_json,
-                                      batches.tokenizer.to_bytes())
-          last_save = time.monotonic()
-          requests.save = False
-          log(f"Checkpoint {done}: training blocked {blocked:.2f}s, writing in the background")
-        progress.bar.update(1)
-        if stop:
-          break
-      if previous is not None:
-        _check_finite(*previous, t.on_nonfinite, checkpointer)
+  return _Run(config, workdir, built, batches, checkpointer, state, start_step, reference,
+              config_json, peak)
+
+
+def _steps(run: _Run, requests) -> tuple[dict, int]:
+  """Trains from `run.start_step` to `train.steps` or a stop request: (the last metrics row,
+  the steps done). Saves and closes the checkpoints and metrics, also on a non-finite stop."""
+  t = run.config.train
+  progress = _Progress(run.config, run.workdir, run.start_step, run.peak_flops,
+                       run.built.objective.rows_per_example)
+  last_save, previous, done, state = time.monotonic(), None, run.start_step, run.state
+  try:
+    for step in range(run.start_step, t.steps):
+      local, host_metrics = run.batches.next(state.params, step)
+      state, metrics = run.built.train_step(state, run.built.global_batch(local), run.reference)
+      done = step + 1
+      if previous is not None:  # the step before: its flag is ready by now
+        _check_finite(*previous, t.on_nonfinite, run.checkpointer)
+      previous = (done, metrics)
       progress.flush()
-    finally:  # also when stopping on a non-finite step: finish saves, keep the metrics
-      progress.close()
-      checkpointer.close()
+      if progress.timer_start is None:
+        progress.start_timer(done, metrics)
+      is_last = done == t.steps
+      validation = None
+      if (t.eval_every and done % t.eval_every == 0) or is_last:
+        validation = run.validate(state.params)
+      if done % t.log_every == 0 or is_last or validation is not None:
+        progress.hold(done, metrics, host_metrics | (validation or {}))
+      minutes_due = bool(t.checkpoint_minutes) and (
+          time.monotonic() - last_save >= 60 * t.checkpoint_minutes)
+      stop, save_now = agreed(done, t.log_every, requests.stop_signal is not None,
+                              requests.save or minutes_due, jax.process_count())
+      if ((t.checkpoint_every and done % t.checkpoint_every == 0) or is_last or stop
+          or save_now):
+        _check_finite(*previous, t.on_nonfinite, run.checkpointer)  # never save a bad step
+        previous = None
+        blocked = run.checkpointer.save(done, state, run.batches.train, run.config_json,
+                                        run.batches.tokenizer.to_bytes())
+        last_save, requests.save = time.monotonic(), False
+        log(f"Checkpoint {done}: training blocked {blocked:.2f}s, writing in the background")
+      progress.bar.update(1)
+      if stop:
+        break
+    if previous is not None:
+      _check_finite(*previous, t.on_nonfinite, run.checkpointer)
+    progress.flush()
+  finally:  # also when stopping on a non-finite step: finish saves, keep the metrics
+    progress.close()
+    run.checkpointer.close()
+  run.state = state
+  return progress.last_row, done
 
-    summary = progress.last_row
-    if requests.stop_signal:
-      log(f"Stopped by {requests.stop_signal} after step {done}; the checkpoint is saved. "
-          "Run the same command again to resume.")
-      return summary
-    if not any(k.startswith("val_") for k in summary):  # nothing left to train: the restored
-      summary.update(validate(state.params))  # model's
-    final = [f"{k.removeprefix('val_')} {v:.4f}" for k, v in summary.items()
-             if k.startswith("val_") and k != "val_perplexity"]
-    if "val_perplexity" in summary:
-      final.insert(1, f"perplexity {summary['val_perplexity']:.2f} (ln vocab = "
-                   f"{math.log(m.vocab_size):.2f})")
-    if final:
-      log("Final validation " + ", ".join(final))
-    if t.sample_tokens and not m.reward_head:  # every process: the parameters span all of them
-      summary["sample"] = _sample(t, built.model, state.params, batches)
-      if is_primary():
-        print(f"--- sample (temperature {t.sample_temperature}) ---\n{summary['sample']}\n---",
-              flush=True)
+
+def _finish(run: _Run, summary: dict, done: int, stop_signal: str | None) -> dict:
+  """The summary of a finished run, with its final validation (logged)."""
+  if stop_signal:
+    log(f"Stopped by {stop_signal} after step {done}; the checkpoint is saved. "
+        "Run the same command again to resume.")
+    return summary
+  if not any(k.startswith("val_") for k in summary):  # nothing left to train: the restored
+    summary.update(run.validate(run.state.params))  # model's
+  final = [f"{k.removeprefix('val_')} {v:.4f}" for k, v in summary.items()
+           if k.startswith("val_") and k != "val_perplexity"]
+  if "val_perplexity" in summary:
+    final.insert(1, f"perplexity {summary['val_perplexity']:.2f} (ln vocab = "
+                 f"{math.log(run.config.model.vocab_size):.2f})")
+  if final:
+    log("Final validation " + ", ".join(final))
   return summary
-
-
-def _sample(t, model, params, batches) -> str:
-  """`train.sample_prompt` continued by the trained model (answered, when the run trains on
-  conversations), to eyeball the run's result."""
-  tokenizer, chat = batches.tokenizer, batches.chat_format
-  if chat:
-    prompt_ids = chat.prompt([{"role": "user", "content": t.sample_prompt}])
-  else:
-    prompt_ids = [tokenizer.bos_id, *tokenizer.encode(t.sample_prompt)]
-  room = min(t.sample_tokens, model.config.context_length - len(prompt_ids))
-  new_ids = generate.generate(
-      params, model, [prompt_ids], room, eos_id=chat.stop_id if chat else tokenizer.eos_id,
-      temperature=t.sample_temperature, seed=t.seed,
-      num_tokens=tokenizer.vocab_size)[0] if room > 0 else []
-  return (f"user: {t.sample_prompt}\nassistant: " if chat else t.sample_prompt) + \
-      tokenizer.decode(new_ids)

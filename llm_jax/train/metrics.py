@@ -11,6 +11,7 @@ import pathlib
 from tensorboardX import SummaryWriter
 
 from llm_jax.parallel.distributed import is_primary
+from llm_jax import paths
 from llm_jax.errors import UserError
 
 
@@ -30,9 +31,7 @@ class MetricsWriter:
     rows = [line for line in self.path.read_text().splitlines() if line.strip()]
     kept = [line for line in rows if json.loads(line)["step"] <= step]
     if len(kept) != len(rows):
-      tmp = self.path.with_suffix(".tmp")
-      tmp.write_text("".join(line + "\n" for line in kept))
-      tmp.replace(self.path)
+      paths.write_atomically(self.path, "".join(line + "\n" for line in kept))
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:

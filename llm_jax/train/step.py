@@ -30,7 +30,7 @@ def _whole(micro):
   return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), micro)
 
 
-def train_step(state: TrainState, batch, frozen, *, objective, model, tx, schedule,
+def train_step(state: TrainState, batch, reference, *, objective, model, tx, schedule,
                grad_accum_steps: int):
   """(new state, metrics): `loss`, the objective's metrics and weight, `grad_norm`,
   `learning_rate`, `nonfinite` and `skipped_steps`.
@@ -38,17 +38,18 @@ def train_step(state: TrainState, batch, frozen, *, objective, model, tx, schedu
   An objective of several `passes` makes that many updates on the batch (the metrics are
   their means; a non-finite loss or gradient in any pass leaves the state as it was before
   the first); the step counter advances by one, the optimizer's schedule by `passes`.
-  `prepare` runs once per step, a microbatch at a time under gradient accumulation.
+  `prepare` runs once per step, a microbatch at a time under gradient accumulation, with the
+  `reference` parameters (None unless the objective asks for them).
   """
   if objective.prepare is not None:
     def prepare(micro):
-      return objective.prepare(model, state.params, micro, frozen)
+      return objective.prepare(model, state.params, micro, reference)
     batch = (prepare(batch) if grad_accum_steps == 1 else
              _whole(jax.lax.map(prepare, _microbatches(batch, grad_accum_steps))))
   weight = jnp.maximum(objective.weight(batch), 1.0)
 
   def loss_fn(params, micro):
-    loss_sum, metric_sums = objective.loss(model, params, micro, frozen)
+    loss_sum, metric_sums = objective.loss(model, params, micro)
     return loss_sum / weight, metric_sums
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
